@@ -1,0 +1,30 @@
+"""`dtfd` command line: `dtfd verify` for offline storage checks; the daemon itself lands with its issue."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def not_yet(program: str) -> int:
+    """Entry point of a program whose issue has not landed: say so and exit 2."""
+    print(f"{program}: not implemented yet", file=sys.stderr)
+    return 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="dtfd", description="dtf coordinator daemon")
+    sub = parser.add_subparsers(dest="command")
+    verify = sub.add_parser("verify", help="check a data directory offline (exit 0 clean, 65 corrupt, 66 missing)")
+    verify.add_argument("--data-dir", required=True)
+    verify.add_argument("--json", action="store_true", help="machine-readable report")
+    args = parser.parse_args(argv)
+    if args.command == "verify":
+        from dtfd.storage.verify import run
+
+        return run(args.data_dir, as_json=args.json)
+    return not_yet("dtfd")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
