@@ -22,9 +22,11 @@ class RaftLog:
         for offset, entry in enumerate(self._entries):
             if entry.index != self.snapshot_index + 1 + offset:
                 raise ValueError(f"persisted entries: index {entry.index} breaks the sequence")
-        if not self.snapshot_index <= committed <= self.last_index:
-            raise ValueError(f"persisted commit {committed} outside [{self.snapshot_index}, {self.last_index}]")
-        self.committed = committed
+        if committed > self.last_index:
+            raise ValueError(f"persisted commit {committed} is beyond the last index {self.last_index}")
+        # A snapshot holds only committed state; a crash between writing it and the hard
+        # state may leave the persisted commit behind it.
+        self.committed = max(committed, self.snapshot_index)
         self.applied = self.snapshot_index
         self.applying = self.snapshot_index
         self.stable = self.last_index
