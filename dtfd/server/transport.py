@@ -1,0 +1,273 @@
+"""Peer links: one persistent, authenticated TCP connection per peer and direction.
+
+Each node dials every peer to send; it only receives on the connections it accepts.
+A connection starts with a mutual HMAC challenge on the cluster secret, which also
+derives a per-connection key; every frame after it carries a MAC over its sequence
+number, so a frame replayed from another connection, after a restart or out of order
+is refused. Frames are `u32 length | msgpack list of Messages | 16-byte MAC`.
+
+Sending never blocks the driver: each peer has a bounded queue drained by its own
+task, and while a peer is unreachable its messages are dropped (Raft resends).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import logging
+import os
+import random
+import struct
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import msgspec
+import trio
+
+from dtfd.journal import fields
+from dtfd.raft.messages import Message, NodeId
+
+log = logging.getLogger("dtf.transport")
+
+VERSION = 1
+MAC_BYTES = 16
+MAX_FRAME = 64 << 20
+HANDSHAKE_TIMEOUT = 5.0
+_length = struct.Struct(">I")
+
+
+class Hello(msgspec.Struct, frozen=True, array_like=True):
+    version: int
+    src: NodeId
+    dst: NodeId
+    nonce: bytes
+
+
+class Challenge(msgspec.Struct, frozen=True, array_like=True):
+    nonce: bytes
+    proof: bytes
+
+
+class Proof(msgspec.Struct, frozen=True, array_like=True):
+    proof: bytes
+
+
+class LinkError(Exception):
+    """The peer broke the protocol or failed authentication; the connection is dropped."""
+
+
+_batch_decoder = msgspec.msgpack.Decoder(list[Message])
+_encoder = msgspec.msgpack.Encoder()
+
+
+def _mac(key: bytes, *parts: bytes) -> bytes:
+    return hmac.new(key, b"\0".join(parts), hashlib.sha256).digest()
+
+
+class _Framed:
+    """Length-prefixed frames on a stream, MAC'd once a session key is set."""
+
+    def __init__(self, stream: trio.abc.Stream) -> None:
+        self.stream = stream
+        self._buffer = bytearray()
+        self.key = b""
+        self._sent = 0
+        self._received = 0
+
+    async def send(self, payload: bytes) -> None:
+        if self.key:
+            payload += _mac(self.key, self._sent.to_bytes(8, "big"), payload)[:MAC_BYTES]
+            self._sent += 1
+        await self.stream.send_all(_length.pack(len(payload)) + payload)
+
+    async def receive(self) -> bytes | None:
+        """The next frame's payload, or None at a clean end of stream."""
+        while True:
+            if len(self._buffer) >= 4:
+                (size,) = _length.unpack_from(self._buffer)
+                if size > MAX_FRAME:
+                    raise LinkError(f"frame of {size} bytes exceeds {MAX_FRAME}")
+                if len(self._buffer) >= 4 + size:
+                    frame = bytes(self._buffer[4 : 4 + size])
+                    del self._buffer[: 4 + size]
+                    return self._open(frame)
+            data = await self.stream.receive_some(1 << 16)
+            if not data:
+                if self._buffer:
+                    raise LinkError("connection closed mid-frame")
+                return None
+            self._buffer += data
+
+    def _open(self, frame: bytes) -> bytes:
+        if not self.key:
+            return frame
+        payload, tag = frame[:-MAC_BYTES], frame[-MAC_BYTES:]
+        expected = _mac(self.key, self._received.to_bytes(8, "big"), payload)[:MAC_BYTES]
+        if len(tag) < MAC_BYTES or not hmac.compare_digest(tag, expected):
+            raise LinkError("frame authentication failed (tampered, replayed or out of order)")
+        self._received += 1
+        return payload
+
+
+def _decode(kind: type, payload: bytes | None) -> msgspec.Struct:
+    if payload is None:
+        raise LinkError("connection closed during handshake")
+    try:
+        return msgspec.msgpack.decode(payload, type=kind)
+    except msgspec.DecodeError as exc:
+        raise LinkError(f"bad {kind.__name__}: {exc}") from None
+
+
+@dataclass
+class PeerStats:
+    up: bool = False
+    sent: int = 0
+    dropped: int = 0
+    connects: int = 0
+
+
+class Transport:
+    """Delivers Raft messages between nodes; `inbox` receives what peers send us."""
+
+    def __init__(
+        self,
+        node_id: NodeId,
+        peers: dict[NodeId, tuple[str, int]],
+        secret: bytes,
+        inbox: trio.MemorySendChannel[Message],
+        *,
+        queue_size: int = 4096,
+        max_backoff: float = 0.05,
+        rng: random.Random | None = None,
+    ) -> None:
+        if not secret:
+            raise ValueError("secret: the cluster secret must not be empty")
+        self.id = node_id
+        self.peers = peers
+        self._secret = secret
+        self._inbox = inbox
+        self._max_backoff = max_backoff
+        self._rng = rng or random.Random()
+        self._queues = {peer: trio.open_memory_channel[Message](queue_size) for peer in peers}
+        self.stats = {peer: PeerStats() for peer in peers}
+        self.errors: Counter[str] = Counter()
+
+    def send(self, messages: Iterable[Message]) -> None:
+        """Queue messages for their peers; never blocks, drops when a queue is full."""
+        for m in messages:
+            queue = self._queues.get(m.dst)
+            if queue is None:
+                self.errors["unknown_destination"] += 1
+                continue
+            try:
+                queue[0].send_nowait(m)
+            except trio.WouldBlock:
+                self.stats[m.dst].dropped += 1
+
+    async def run(self, listeners: list[trio.SocketListener]) -> None:
+        """Accept on `listeners` and keep a sender per peer, until cancelled."""
+        async with trio.open_nursery() as nursery:
+            for listener in listeners:
+                nursery.start_soon(trio.serve_listeners, self._accept, [listener])
+            for peer in self.peers:
+                nursery.start_soon(self._sender, peer)
+
+    # ---- outgoing ----------------------------------------------------------
+
+    async def _sender(self, peer: NodeId) -> None:
+        host, port = self.peers[peer]
+        queue = self._queues[peer][1]
+        stats = self.stats[peer]
+        backoff = 0.005
+        while True:
+            try:
+                stream = await trio.open_tcp_stream(host, port)
+            except OSError:
+                self._drop_queued(queue, stats)
+                await trio.sleep(backoff * (0.5 + self._rng.random()))
+                backoff = min(backoff * 2, self._max_backoff)
+                continue
+            try:
+                async with stream:
+                    framed = _Framed(stream)
+                    with trio.fail_after(HANDSHAKE_TIMEOUT):
+                        await self._dial_handshake(framed, peer)
+                    stats.up, stats.connects, backoff = True, stats.connects + 1, 0.005
+                    log.info("peer link up %s", fields(peer=peer, direction="out"))
+                    await self._pump(framed, queue, stats)
+            except (OSError, trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError, LinkError) as exc:
+                self.errors["send_link"] += 1
+                if stats.up:
+                    log.warning("peer link down %s", fields(peer=peer, error=exc))
+            stats.up = False
+            await trio.sleep(backoff * self._rng.random())
+
+    async def _dial_handshake(self, framed: _Framed, peer: NodeId) -> None:
+        nonce = os.urandom(16)
+        await framed.send(_encoder.encode(Hello(VERSION, self.id, peer, nonce)))
+        challenge = _decode(Challenge, await framed.receive())
+        ids = self.id.encode(), peer.encode()
+        if not hmac.compare_digest(challenge.proof, _mac(self._secret, b"accept", nonce, challenge.nonce, *ids)):
+            raise LinkError(f"peer {peer} failed authentication (wrong cluster secret?)")
+        await framed.send(_encoder.encode(Proof(_mac(self._secret, b"dial", challenge.nonce, nonce, *ids))))
+        framed.key = _mac(self._secret, b"session", nonce, challenge.nonce, *ids)
+
+    async def _pump(self, framed: _Framed, queue: trio.MemoryReceiveChannel[Message], stats: PeerStats) -> None:
+        async for first in queue:
+            batch = [first]
+            while len(batch) < 1024:
+                try:
+                    batch.append(queue.receive_nowait())
+                except trio.WouldBlock:
+                    break
+            await framed.send(_encoder.encode(batch))
+            stats.sent += len(batch)
+
+    @staticmethod
+    def _drop_queued(queue: trio.MemoryReceiveChannel[Message], stats: PeerStats) -> None:
+        while True:
+            try:
+                queue.receive_nowait()
+            except trio.WouldBlock:
+                return
+            stats.dropped += 1
+
+    # ---- incoming ----------------------------------------------------------
+
+    async def _accept(self, stream: trio.SocketStream) -> None:
+        peer = "?"
+        try:
+            async with stream:
+                framed = _Framed(stream)
+                with trio.fail_after(HANDSHAKE_TIMEOUT):
+                    peer = await self._accept_handshake(framed)
+                log.info("peer link up %s", fields(peer=peer, direction="in"))
+                while (payload := await framed.receive()) is not None:
+                    try:
+                        batch = _batch_decoder.decode(payload)
+                    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+                        raise LinkError(f"undecodable frame: {exc}") from None
+                    for m in batch:
+                        if m.src != peer:
+                            raise LinkError(f"message claims src {m.src!r} on {peer}'s link")
+                        await self._inbox.send(m)
+        except LinkError as exc:
+            self.errors["bad_frame" if peer != "?" else "handshake"] += 1
+            log.warning("peer link refused %s", fields(peer=peer, error=exc))
+        except (OSError, trio.BrokenResourceError, trio.TooSlowError) as exc:
+            self.errors["receive_link"] += 1
+            log.info("peer link closed %s", fields(peer=peer, error=exc))
+
+    async def _accept_handshake(self, framed: _Framed) -> NodeId:
+        hello = _decode(Hello, await framed.receive())
+        if hello.version != VERSION or hello.dst != self.id or hello.src not in self.peers:
+            raise LinkError(f"unexpected hello from {hello.src!r} to {hello.dst!r} (version {hello.version})")
+        nonce = os.urandom(16)
+        ids = hello.src.encode(), self.id.encode()
+        await framed.send(_encoder.encode(Challenge(nonce, _mac(self._secret, b"accept", hello.nonce, nonce, *ids))))
+        proof = _decode(Proof, await framed.receive())
+        if not hmac.compare_digest(proof.proof, _mac(self._secret, b"dial", nonce, hello.nonce, *ids)):
+            raise LinkError(f"{hello.src} failed authentication (wrong cluster secret?)")
+        framed.key = _mac(self._secret, b"session", hello.nonce, nonce, *ids)
+        return hello.src
