@@ -1,0 +1,158 @@
+"""The replicated state machine: pure, deterministic, identical on every node.
+
+`apply(index, envelope)` is a function of the state and the command only: times come
+stamped by the leader in the envelope, never from a clock here, so every node computes
+the same state and the same `checksum()`. Client sessions make retried commands
+idempotent (Raft thesis 6.3): a command whose (client, seq) was already applied
+returns the recorded result instead of applying twice.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import msgspec
+
+MAX_SESSIONS = 10_000  # oldest sessions are evicted past this, deterministically by last use
+SESSION_TTL_S = 24 * 3600.0
+
+
+class Put(msgspec.Struct, tag="put", frozen=True):
+    key: str
+    value: str
+
+
+class Delete(msgspec.Struct, tag="delete", frozen=True):
+    key: str
+
+
+class CompareAndSet(msgspec.Struct, tag="cas", frozen=True):
+    key: str
+    expected: str | None  # None: the key must be absent
+    value: str
+
+
+class SetConfig(msgspec.Struct, tag="config", frozen=True):
+    key: str
+    value: str
+
+
+Command = Put | Delete | CompareAndSet | SetConfig
+
+
+class Envelope(msgspec.Struct, frozen=True, array_like=True):
+    """One replicated command: who sent it, its place in that client's sequence, when."""
+
+    client: str
+    seq: int
+    at: float  # leader's wall clock when it proposed, seconds since the epoch
+    command: Command
+
+
+class Result(msgspec.Struct, frozen=True, omit_defaults=True):
+    ok: bool
+    value: str | None = None
+    error: str = ""  # "", "cas_failed", "stale_sequence"
+    index: int = 0
+    duplicate: bool = False
+
+
+class Session(msgspec.Struct):
+    seq: int
+    result: Result
+    last_seen: float
+
+
+class Image(msgspec.Struct):
+    """The whole state in one canonical, sorted form: snapshots and checksums use it."""
+
+    applied: int = 0
+    kv: dict[str, str] = {}
+    config: dict[str, str] = {}
+    sessions: dict[str, Session] = {}
+
+
+_encoder = msgspec.msgpack.Encoder(order="sorted")
+_image_decoder = msgspec.msgpack.Decoder(Image)
+_envelope_decoder = msgspec.msgpack.Decoder(Envelope)
+
+
+def encode_envelope(envelope: Envelope) -> bytes:
+    return _encoder.encode(envelope)
+
+
+def decode_envelope(data: bytes) -> Envelope:
+    return _envelope_decoder.decode(data)
+
+
+class StateMachine:
+    def __init__(self) -> None:
+        self.image = Image()
+
+    @property
+    def applied(self) -> int:
+        return self.image.applied
+
+    def apply(self, index: int, data: bytes) -> Result:
+        """Apply the command at `index`; undecodable data is recorded as a failed no-op."""
+        if index != self.image.applied + 1:
+            raise ValueError(f"apply out of order: {index} after {self.image.applied}")
+        self.image.applied = index
+        try:
+            envelope = decode_envelope(data)
+        except (msgspec.DecodeError, msgspec.ValidationError):
+            return Result(ok=False, error="undecodable", index=index)
+        session = self.image.sessions.get(envelope.client)
+        if session is not None and envelope.seq <= session.seq:
+            if envelope.seq == session.seq:
+                return msgspec.structs.replace(session.result, duplicate=True)
+            return Result(ok=False, error="stale_sequence", index=index)
+        result = self._execute(envelope.command, index)
+        self.image.sessions[envelope.client] = Session(envelope.seq, result, envelope.at)
+        self._expire_sessions(envelope.at)
+        return result
+
+    def mark_applied(self, index: int) -> None:
+        """A no-op entry (a new leader's) takes an index without changing state."""
+        if index != self.image.applied + 1:
+            raise ValueError(f"apply out of order: {index} after {self.image.applied}")
+        self.image.applied = index
+
+    def _execute(self, command: Command, index: int) -> Result:
+        kv = self.image.kv
+        if isinstance(command, Put):
+            kv[command.key] = command.value
+            return Result(ok=True, value=command.value, index=index)
+        if isinstance(command, Delete):
+            return Result(ok=True, value=kv.pop(command.key, None), index=index)
+        if isinstance(command, CompareAndSet):
+            current = kv.get(command.key)
+            if current != command.expected:
+                return Result(ok=False, value=current, error="cas_failed", index=index)
+            kv[command.key] = command.value
+            return Result(ok=True, value=command.value, index=index)
+        self.image.config[command.key] = command.value
+        return Result(ok=True, value=command.value, index=index)
+
+    def _expire_sessions(self, now: float) -> None:
+        sessions = self.image.sessions
+        expired = [c for c, s in sessions.items() if now - s.last_seen > SESSION_TTL_S]
+        for client in expired:
+            del sessions[client]
+        if len(sessions) > MAX_SESSIONS:
+            by_age = sorted(sessions, key=lambda c: (sessions[c].last_seen, c))
+            for client in by_age[: len(sessions) - MAX_SESSIONS]:
+                del sessions[client]
+
+    def get(self, key: str) -> str | None:
+        return self.image.kv.get(key)
+
+    def snapshot(self) -> bytes:
+        return _encoder.encode(self.image)
+
+    def restore(self, data: bytes) -> None:
+        self.image = _image_decoder.decode(data)
+
+    def checksum(self) -> str:
+        """SHA-256 of the canonical image: equal on every node at the same applied index."""
+        return hashlib.sha256(self.snapshot()).hexdigest()
