@@ -46,8 +46,9 @@ class Config:
             raise ValueError(f"id: {self.id!r} is neither a voter nor a learner")
         if not 0 < self.heartbeat < self.election_min < self.election_max:
             raise ValueError("timing: need 0 < heartbeat < election_min < election_max ticks")
-        if min(self.max_entries_per_msg, self.max_bytes_per_msg, self.max_inflight, self.snapshot_chunk) < 1:
-            raise ValueError("limits: message, inflight and chunk limits must be positive")
+        for name in ("max_entries_per_msg", "max_bytes_per_msg", "max_inflight", "snapshot_chunk"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}: must be positive")
         unknown = self.planted_bugs - PLANTED_BUGS
         if unknown:
             raise ValueError(f"planted_bugs: unknown {sorted(unknown)}")

@@ -331,6 +331,7 @@ class Raft:
             self._handle_append_response(m, pr)
         elif m.type is T.HEARTBEAT_RESP:
             pr.probe_sent = False
+            pr.free_one_if_full(self.config.max_inflight)  # appends may have been lost: let one more out
             if pr.state is ProgressState.SNAPSHOT:
                 self._send_snapshot_chunk(m.src, pr)
             elif pr.match < self.log.last_index:

@@ -98,6 +98,11 @@ class Progress:
         while self.inflight and self.inflight[0] <= index:
             self.inflight.popleft()
 
+    def free_one_if_full(self, max_inflight: int) -> None:
+        """A lost window would otherwise never be acked; the next append exposes the gap."""
+        if self.state is ProgressState.REPLICATE and len(self.inflight) >= max_inflight:
+            self.inflight.popleft()
+
     def paused(self, max_inflight: int) -> bool:
         if self.state is ProgressState.PROBE:
             return self.probe_sent
