@@ -1,0 +1,114 @@
+"""Leader election: randomized timeouts, PreVote, CheckQuorum and the voting rules (Raft §5.2, §5.4.1, thesis §9.6)."""
+
+import pytest
+
+from dtfd.raft import Message, Role
+
+from tests.unit.raft_net import MT, Net, drain, first_campaign_tick, make_config, make_raft, sent, stored_log
+
+
+def test_first_election_timeout_is_randomized_within_bounds():
+    """Split votes are broken only if nodes time out at different, bounded moments."""
+    cfg = make_config()
+    timeouts = [first_campaign_tick(seed) for seed in range(30)]
+    assert all(cfg.election_min <= t < cfg.election_max for t in timeouts), timeouts
+    assert len(set(timeouts)) > 3, timeouts
+
+
+def test_single_node_cluster_elects_itself():
+    """A cluster of one must make progress alone."""
+    net = Net(1)
+    net.tick_until(lambda: net.raft("n1").role == Role.LEADER, limit=20)
+    assert net.propose("n1", b"x").first_index == 2
+    assert net.nodes["n1"].applied_data() == [b"x"]
+
+
+@pytest.mark.parametrize("size", [3, 5])
+@pytest.mark.parametrize("seed", range(3))
+def test_cluster_elects_exactly_one_leader(size, seed):
+    """Every node ends up following the same single leader of the same term."""
+    net = Net(size, seed=seed)
+    net.tick_until(lambda: len(net.leaders()) == 1, limit=200)
+    net.tick(50)
+    leader = net.leader()
+    assert {net.raft(id).leader for id in net.nodes} == {leader}
+    assert len({net.raft(id).term for id in net.nodes}) == 1
+
+
+def test_prevote_rejoining_follower_does_not_disrupt_leader():
+    """PreVote: a node back from a partition must not force a needless election (thesis §9.6)."""
+    net = Net(3)
+    term = net.elect("n1")
+    net.isolate("n3")
+    net.tick(100)
+    assert net.messages(MT.PRE_VOTE, "n3")
+    assert net.raft("n3").term == term
+    net.heal()
+    net.tick(100)
+    assert net.leaders() == ["n1"]
+    assert [net.raft(id).term for id in net.nodes] == [term] * 3
+    assert net.raft("n3").leader == "n1"
+
+
+@pytest.mark.parametrize("isolated_after", range(0, 12, 3))
+def test_checkquorum_isolated_leader_steps_down_within_election_timeout(isolated_after):
+    """CheckQuorum: a leader cut off from the majority stops claiming leadership (thesis §6.2)."""
+    net = Net(3)
+    net.elect("n1")
+    net.tick(isolated_after)
+    net.isolate("n1")
+    ticks = net.tick_until(lambda: net.raft("n1").role != Role.LEADER, limit=100)
+    assert ticks <= net.nodes["n1"].config.election_max
+    net.tick_until(lambda: net.raft("n2").role == Role.LEADER or net.raft("n3").role == Role.LEADER)
+
+
+def test_follower_in_leader_lease_ignores_vote_requests():
+    """A follower that just heard from its leader must not help depose it (thesis §4.2.3)."""
+    net = Net(3)
+    term = net.elect("n1")
+    n2 = net.raft("n2")
+    last = n2.log.last_index
+    for type in (MT.PRE_VOTE, MT.VOTE):
+        n2.step(Message(type=type, src="n3", dst="n2", term=term + 1, log_term=term, index=last))
+    net.process("n2")
+    assert [m for m in net.queue if m.type in (MT.PRE_VOTE_RESP, MT.VOTE_RESP) and not m.reject] == []
+    assert (n2.term, n2.leader, n2.role) == (term, "n1", Role.FOLLOWER)
+
+
+@pytest.mark.parametrize(
+    ("log_term", "index", "granted"),
+    [
+        (1, 9, False),  # lower last term loses even with a longer log
+        (2, 2, False),  # same last term, shorter log
+        (2, 3, True),  # identical log
+        (2, 7, True),  # same last term, longer log
+        (3, 1, True),  # higher last term wins even with a shorter log
+    ],
+)
+def test_votes_only_for_logs_at_least_as_up_to_date(log_term, index, granted):
+    """Election restriction (§5.4.1): compare last term first, then last index."""
+    raft = make_raft("n1", persisted=stored_log([1, 2, 2], term=2))
+    raft.step(Message(type=MT.VOTE, src="n2", dst="n1", term=3, log_term=log_term, index=index))
+    (resp,) = [m for m in sent(drain(raft)) if m.type == MT.VOTE_RESP]
+    assert (resp.reject, resp.term) == (not granted, 3)
+
+
+def test_one_vote_per_term():
+    """A second candidate in the same term is refused; the first may ask again."""
+    raft = make_raft("n1", persisted=stored_log([1], term=1))
+    replies = []
+    for candidate in ("n2", "n3", "n2"):
+        raft.step(Message(type=MT.VOTE, src=candidate, dst="n1", term=2, log_term=1, index=1))
+        replies += [m.reject for m in sent(drain(raft)) if m.type == MT.VOTE_RESP]
+    assert replies == [False, True, False]
+    assert raft.status().vote == "n2"
+
+
+def test_vote_is_persisted_in_the_ready_that_grants_it():
+    """The hard state with the vote is synced before the reply leaves, so a crash cannot vote twice."""
+    raft = make_raft("n1", persisted=stored_log([1], term=1))
+    raft.step(Message(type=MT.VOTE, src="n2", dst="n1", term=2, log_term=1, index=1))
+    (rd,) = [rd for rd in drain(raft) if any(m.type == MT.VOTE_RESP for m in rd.messages)]
+    assert not next(m for m in rd.messages if m.type == MT.VOTE_RESP).reject
+    assert rd.hard_state is not None and (rd.hard_state.term, rd.hard_state.vote) == (2, "n2")
+    assert rd.must_sync
