@@ -15,6 +15,8 @@ from dtfd.raft.messages import Entry, HardState, PersistedState, Snapshot
 
 EX_DATAERR = 65  # corrupt data: the node refuses to start (sysexits.h)
 EX_NOINPUT = 66  # no data directory
+EX_IOERR = 74  # the data directory cannot be read or written (read-only, disk full, I/O error)
+EX_TEMPFAIL = 75  # the data directory is locked by another running node
 
 
 class StorageCorrupt(Exception):
@@ -24,6 +26,14 @@ class StorageCorrupt(Exception):
         self.path, self.offset, self.problem = path, offset, problem
         where = path if offset is None else f"{path} at offset {offset}"
         super().__init__(f"corrupt storage: {where}: {problem}")
+
+
+class StorageFailed(Exception):
+    """A write or fsync failed (disk full, I/O error): nothing after the last sync is durable.
+
+    A failed write is undone; after a failed fsync the storage refuses further writes.
+    Either way, reopening it loads the last synced state.
+    """
 
 
 class LogStorage(Protocol):

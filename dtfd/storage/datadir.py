@@ -1,0 +1,299 @@
+"""The data directory: its layout, its lock, and DiskStorage, the LogStorage on disk.
+
+    DIR/LOCK            flock()ed by the node that has the dir open
+    DIR/hardstate       term, vote, commit (checksummed, replaced atomically)
+    DIR/wal/*.wal       log segments
+    DIR/snap/*.snap     snapshots, newest two
+    DIR/history.duckdb  queryable history, derived from the log (see history.py)
+
+`inspect` reads all of it without changing anything (it backs `dtfd verify`);
+DiskStorage opens on top of it, applies the repairs it lists (torn tail, leftover temp
+files, an interrupted snapshot install) and refuses to open on any problem.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+from collections.abc import Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+from dtfd.raft.messages import NONE, Entry, HardState, PersistedState, Snapshot
+from dtfd.storage import hardstate, snapshots
+from dtfd.storage.interface import EX_DATAERR, EX_IOERR, EX_TEMPFAIL, StorageCorrupt, StorageFailed
+from dtfd.storage.files import FsyncFn, WriteFn, fsync_dir
+from dtfd.storage.wal import SEGMENT_SIZE, Finding, Wal, WalScan, scan
+
+log = logging.getLogger("dtf.storage")
+
+LOCK_FILE = "LOCK"
+WAL_DIR = "wal"
+SNAP_DIR = "snap"
+
+
+class DataDirLocked(Exception):
+    """Another process has this data dir open; two nodes on one log would corrupt it."""
+
+    def __init__(self, data_dir: str) -> None:
+        self.data_dir = data_dir
+        super().__init__(f"data dir {data_dir} is in use by another process (lock held on {LOCK_FILE})")
+
+
+@dataclass
+class Inspection:
+    data_dir: str
+    wal: WalScan
+    hard_state: HardState | None = None
+    snapshot: Snapshot | None = None
+    entries: tuple[Entry, ...] = ()  # after the snapshot
+    reset_log_to: int | None = None  # set when a snapshot install was interrupted
+    leftovers: list[str] = field(default_factory=list)
+    skipped: list[StorageCorrupt] = field(default_factory=list)  # damaged snapshots passed over
+    warnings: list[Finding] = field(default_factory=list)
+    problems: list[StorageCorrupt] = field(default_factory=list)
+
+    @property
+    def last_index(self) -> int:
+        return self.entries[-1].index if self.entries else self.snapshot.meta.index if self.snapshot else 0
+
+
+def inspect(data_dir: str) -> Inspection:
+    """Read a data dir and check it, changing nothing."""
+    snap_dir = os.path.join(data_dir, SNAP_DIR)
+    ins = Inspection(data_dir, scan(os.path.join(data_dir, WAL_DIR)))
+    if ins.wal.corrupt:
+        ins.problems.append(ins.wal.corrupt)
+    if t := ins.wal.torn:
+        ins.warnings.append(Finding(t.path, t.offset, f"torn tail, would be truncated ({t.problem})"))
+    try:
+        ins.hard_state = hardstate.read(data_dir)
+    except StorageCorrupt as e:
+        ins.problems.append(e)
+    try:
+        ins.snapshot, ins.skipped = snapshots.newest_valid(snap_dir)
+    except StorageCorrupt as e:
+        ins.problems.append(e)
+    snap_files, snap_leftovers = snapshots.list_files(snap_dir)
+    ins.leftovers = ins.wal.leftovers + snap_leftovers
+    if os.path.exists(hs_tmp := os.path.join(data_dir, hardstate.FILENAME + ".tmp")):
+        ins.leftovers.append(hs_tmp)
+    ins.warnings += [Finding(p, None, "leftover temp file, would be removed") for p in ins.leftovers]
+    hs_path = os.path.join(data_dir, hardstate.FILENAME)
+    if ins.hard_state is None and (ins.wal.segments or snap_files) and not os.path.exists(hs_path):
+        ins.problems.append(StorageCorrupt(hs_path, None, "hard state file missing but the data dir holds a log"))
+    if not ins.problems:
+        _check_consistency(ins, hs_path)
+        if ins.problems:
+            ins.problems += ins.skipped
+        else:
+            ins.warnings += [Finding(e.path, e.offset, f"snapshot skipped for an older one: {e.problem}") for e in ins.skipped]
+    return ins
+
+
+def _check_consistency(ins: Inspection, hs_path: str) -> None:
+    """Snapshot, log and hard state must describe one history."""
+    snap = ins.snapshot.meta if ins.snapshot else None
+    s, t = (snap.index, snap.term) if snap else (0, 0)
+    entries, wal = ins.wal.entries, ins.wal
+    if wal.segments:
+        first, seg0 = wal.first_index, wal.segments[0].path
+        if first > s + 1:
+            covered = f"the snapshot ends at {s}" if snap else "there is no snapshot"
+            ins.problems.append(StorageCorrupt(seg0, None, f"log starts at index {first} but {covered}"))
+            return
+        if wal.next_index - 1 < s or (s >= first and entries[s - first].term != t):
+            ins.reset_log_to = s + 1
+            ins.warnings.append(
+                Finding(seg0, None, f"log does not continue snapshot {s} term {t} (interrupted snapshot install), would be reset")
+            )
+            entries = []
+        else:
+            entries = entries[s + 1 - first :]
+    ins.entries = tuple(entries)
+    hs = ins.hard_state or HardState()
+    last_term = entries[-1].term if entries else t
+    if hs.commit > ins.last_index:
+        ins.problems.append(StorageCorrupt(hs_path, None, f"commit {hs.commit} beyond the last index {ins.last_index}"))
+    if hs.term < last_term:
+        ins.problems.append(StorageCorrupt(hs_path, None, f"term {hs.term} below the log's term {last_term}"))
+
+
+def lock(data_dir: str) -> int:
+    """Take the data dir's exclusive lock; the returned fd holds it until closed."""
+    fd = os.open(os.path.join(data_dir, LOCK_FILE), os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise DataDirLocked(data_dir) from None
+    return fd
+
+
+@contextmanager
+def _io(what: str):
+    try:
+        yield
+    except OSError as e:
+        log.error('storage write failed what="%s" error="%s"', what, e)
+        raise StorageFailed(f"{what} failed: {e.strerror or e}") from e
+
+
+class DiskStorage:
+    """LogStorage over a data dir. Opening takes the lock and recovers; `load()` is cheap.
+
+    Hard state changes are written at `sync()`, after the WAL is durable, so the stored
+    commit never runs ahead of the stored log; a new term (and its vote) is written
+    before the first entry or snapshot of that term, so the stored term never lags it.
+    """
+
+    def __init__(
+        self,
+        data_dir: str,
+        *,
+        segment_size: int = SEGMENT_SIZE,
+        write: WriteFn = os.write,
+        fsync: FsyncFn = os.fdatasync,
+    ) -> None:
+        self.data_dir = os.path.abspath(data_dir)
+        self._write, self._fsync = write, fsync
+        os.makedirs(self.data_dir, exist_ok=True)
+        self._lock_fd = lock(self.data_dir)
+        try:
+            self._recover(segment_size)
+        except BaseException:
+            os.close(self._lock_fd)
+            raise
+
+    def _recover(self, segment_size: int) -> None:
+        ins = inspect(self.data_dir)
+        if ins.problems:
+            raise ins.problems[0]
+        for e in ins.skipped:
+            log.warning('snapshot skipped for an older one path=%s offset=%s problem="%s"', e.path, e.offset, e.problem)
+        for path in ins.leftovers:
+            log.info("storage leftover temp file removed path=%s", path)
+            if path not in ins.wal.leftovers:  # Wal.open removes its own
+                os.unlink(path)
+        self._hard_state = ins.hard_state or HardState()
+        self._pending: HardState | None = None
+        if ins.hard_state is None:
+            hardstate.write(self.data_dir, self._hard_state, self._fsync, self._write)
+        for sub in (SNAP_DIR, WAL_DIR):
+            os.makedirs(os.path.join(self.data_dir, sub), exist_ok=True)
+        fsync_dir(self.data_dir)
+        self._snap_index = ins.snapshot.meta.index if ins.snapshot else 0
+        self._wal, _ = Wal.open(
+            os.path.join(self.data_dir, WAL_DIR),
+            self._snap_index + 1,
+            ins.wal,
+            segment_size=segment_size,
+            write=self._write,
+            fsync=self._fsync,
+        )
+        if ins.reset_log_to:
+            log.warning("wal does not continue the snapshot, finishing an interrupted install next_index=%d", ins.reset_log_to)
+            self._wal.reset(ins.reset_log_to)
+        self._loaded: PersistedState | None = PersistedState(self._hard_state, ins.snapshot, ins.entries)
+
+    @property
+    def _snap_dir(self) -> str:
+        return os.path.join(self.data_dir, SNAP_DIR)
+
+    @property
+    def last_index(self) -> int:
+        """Index of the last entry written (durable or not), or the snapshot's if none follow it."""
+        return max(self._wal.last_index, self._snap_index)
+
+    def load(self) -> PersistedState:
+        if self._loaded is not None:
+            state, self._loaded = self._loaded, None
+            return state
+        ins = inspect(self.data_dir)
+        if ins.problems:
+            raise ins.problems[0]
+        return PersistedState(ins.hard_state or HardState(), ins.snapshot, ins.entries)
+
+    def append(self, entries: Sequence[Entry]) -> None:
+        if not entries:
+            return
+        if entries[0].index <= self._snap_index:
+            raise ValueError(f"append at {entries[0].index}, at or below the snapshot index {self._snap_index}")
+        self._term_first(entries[-1].term)
+        self._wal.append(entries)
+
+    def set_hard_state(self, hard_state: HardState) -> None:
+        self._pending = None if hard_state == self._hard_state else hard_state
+
+    def install_snapshot(self, snapshot: Snapshot) -> None:
+        self._term_first(snapshot.meta.term)
+        with _io("snapshot write"):
+            snapshot = snapshots.write(self._snap_dir, snapshot, self._fsync, self._write)
+        self._wal.reset(snapshot.meta.index + 1)
+        self._snap_index = snapshot.meta.index
+        snapshots.prune(self._snap_dir)
+
+    def compact(self, snapshot: Snapshot) -> None:
+        """Keep the snapshot; drop log segments the older kept snapshot no longer needs.
+
+        Segments are kept back to the older of the two kept snapshots, so that if the
+        newest one is found damaged on load the log still continues the older one.
+        """
+        index, term = snapshot.meta.index, snapshot.meta.term
+        if not self._snap_index <= index <= self._wal.last_index:
+            raise ValueError(f"compact at {index} outside [{self._snap_index}, {self._wal.last_index}]")
+        if index >= self._wal.first_index and self._wal.term_at(index) != term:
+            raise ValueError(f"snapshot term {term} at {index} disagrees with the log")
+        with _io("snapshot write"):
+            snapshots.write(self._snap_dir, snapshot, self._fsync, self._write)
+        self._snap_index = index
+        self._wal.compact(min(snapshots.prune(self._snap_dir)))
+
+    def sync(self) -> None:
+        self._wal.sync()
+        if self._pending is not None and self._pending != self._hard_state:
+            self._store_hard_state(self._pending)
+        self._pending = None
+
+    def close(self) -> None:
+        if self._lock_fd < 0:
+            return
+        try:
+            if not self._wal.failed:
+                self.sync()
+        finally:
+            self._wal.close()
+            os.close(self._lock_fd)
+            self._lock_fd = -1
+
+    def _term_first(self, term: int) -> None:
+        if term <= self._hard_state.term:
+            return
+        pending = self._pending
+        term, vote = (pending.term, pending.vote) if pending and pending.term >= term else (term, NONE)
+        self._store_hard_state(HardState(term, vote, self._hard_state.commit))
+
+    def _store_hard_state(self, hard_state: HardState) -> None:
+        with _io("hard state write"):
+            hardstate.write(self.data_dir, hard_state, self._fsync, self._write)
+        self._hard_state = hard_state
+
+
+def open_or_exit(data_dir: str, **options) -> DiskStorage:
+    """Open the data dir for the daemon, or log one clear line and exit.
+
+    Exit codes: 65 corrupt (EX_DATAERR), 75 locked by another process (EX_TEMPFAIL),
+    74 cannot read or write it (EX_IOERR: read-only, disk full, permissions).
+    """
+    try:
+        return DiskStorage(data_dir, **options)
+    except StorageCorrupt as e:
+        log.critical("%s; refusing to start (check with: dtfd verify --data-dir %s)", e, data_dir)
+        raise SystemExit(EX_DATAERR) from None
+    except DataDirLocked as e:
+        log.critical("%s", e)
+        raise SystemExit(EX_TEMPFAIL) from None
+    except (OSError, StorageFailed) as e:
+        log.critical("cannot open data dir %s: %s", data_dir, e)
+        raise SystemExit(EX_IOERR) from None
