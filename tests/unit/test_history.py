@@ -1,0 +1,69 @@
+"""The DuckDB history schema: created idempotently, usable by the issues that fill it."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+import duckdb
+import pytest
+
+from dtfd.storage.history import FILENAME, SCHEMA_VERSION, open_history
+
+TABLES = {
+    "task_history": ["task_id", "attempt", "worker", "from_state", "to_state", "reason", "at", "raft_index"],
+    "task_results": [
+        "task_id", "attempt", "lease_id", "exit_code", "duration_s", "peak_rss", "cpu_s", "output_tail",
+        "recorded_at", "raft_index",
+    ],
+    "junit_cases": ["task_id", "attempt", "name", "classname", "status", "duration_s", "message"],
+    "node_recovery_history": ["node", "failure", "evidence", "action", "result", "started", "finished", "duration_s"],
+}
+
+
+def columns(conn: duckdb.DuckDBPyConnection, table: str) -> list[str]:
+    rows = conn.execute(
+        "SELECT column_name FROM information_schema.columns WHERE table_name = ? ORDER BY ordinal_position", [table]
+    ).fetchall()
+    return [r[0] for r in rows]
+
+
+def test_schema_is_created_once_and_reopens_idempotently(tmp_path):
+    open_history(str(tmp_path)).close()
+    conn = open_history(str(tmp_path))
+    assert (tmp_path / FILENAME).exists()
+    for table, cols in TABLES.items():
+        assert columns(conn, table) == cols
+    assert conn.execute("SELECT * FROM schema_version").fetchall() == [(SCHEMA_VERSION,)]
+    conn.close()
+
+
+def test_rows_round_trip_and_replays_are_idempotent(tmp_path):
+    conn = open_history(str(tmp_path))
+    at = dt.datetime(2025, 1, 2, 3, 4, 5)  # UTC
+    row = ["t1", 1, "w1", "queued", "leased", "scheduled", at, 42]
+    insert = "INSERT INTO task_history VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING"
+    conn.execute(insert, row)
+    conn.execute(insert, row)  # rebuilding from the log replays the same entry
+    assert conn.execute('SELECT task_id, "at", raft_index FROM task_history').fetchall() == [("t1", at, 42)]
+    conn.execute(
+        "INSERT INTO node_recovery_history VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+        ["n1", "process crash", '{"pid": null, "health": "refused"}', "restart", "ok", at, at, 1.5],
+    )
+    assert conn.execute("SELECT evidence->>'health' FROM node_recovery_history").fetchall() == [("refused",)]
+    conn.close()
+
+
+def test_a_result_is_recorded_once_per_attempt(tmp_path):
+    conn = open_history(str(tmp_path))
+    row = ["t1", 1, "lease-1", 0, 1.0, 1024, 0.5, "ok", dt.datetime(2025, 1, 2), 7]
+    conn.execute("INSERT INTO task_results VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", row)
+    with pytest.raises(duckdb.ConstraintException):
+        conn.execute("INSERT INTO task_results VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", row)
+    conn.close()
+
+
+def test_read_only_open_sees_the_data(tmp_path):
+    open_history(str(tmp_path)).close()
+    conn = open_history(str(tmp_path), read_only=True)
+    assert conn.execute("SELECT count(*) FROM junit_cases").fetchone() == (0,)
+    conn.close()
