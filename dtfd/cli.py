@@ -1,4 +1,4 @@
-"""`dtfd` command line: `dtfd verify` for offline storage checks; the daemon itself lands with its issue."""
+"""`dtfd` command line: run a node (`--config FILE --node ID`) or check a data dir offline (`verify`)."""
 
 from __future__ import annotations
 
@@ -14,6 +14,8 @@ def not_yet(program: str) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="dtfd", description="dtf coordinator daemon")
+    parser.add_argument("--config", default="/etc/dtf/dtfd.toml", help="cluster config file (default: %(default)s)")
+    parser.add_argument("--node", help="this node's id in cluster.nodes")
     sub = parser.add_subparsers(dest="command")
     verify = sub.add_parser("verify", help="check a data directory offline (exit 0 clean, 65 corrupt, 66 missing)")
     verify.add_argument("--data-dir", required=True)
@@ -23,7 +25,11 @@ def main(argv: list[str] | None = None) -> int:
         from dtfd.storage.verify import run
 
         return run(args.data_dir, as_json=args.json)
-    return not_yet("dtfd")
+    if not args.node:
+        parser.error("--node is required to run a node")
+    from dtfd.server.daemon import run
+
+    return run(args.config, args.node)
 
 
 if __name__ == "__main__":

@@ -203,10 +203,11 @@ async def _send(stream: trio.abc.Stream, data: bytes) -> bool:
         return False
 
 
-async def serve(handler: Handler, listeners: list[trio.SocketListener], limits: Limits) -> None:
-    async def connection(stream: trio.SocketStream) -> None:
+async def serve(handler: Handler, listeners: list[trio.abc.Listener[trio.abc.Stream]], limits: Limits) -> None:
+    async def connection(stream: trio.abc.Stream) -> None:
+        socket_stream = getattr(stream, "transport_stream", stream)  # under an SSLStream
         try:
-            host, port = stream.socket.getpeername()[:2]
+            host, port = socket_stream.socket.getpeername()[:2]
             peer = f"{host}:{port}"
         except OSError:
             peer = ""

@@ -17,6 +17,7 @@ import hmac
 import logging
 import os
 import random
+import ssl
 import struct
 from collections import Counter
 from collections.abc import Iterable
@@ -31,6 +32,7 @@ from dtfd.raft.messages import Message, NodeId
 log = logging.getLogger("dtf.transport")
 
 VERSION = 1
+LOG_EVERY_S = 10.0  # repeated refusals from one peer are logged once per this interval
 MAC_BYTES = 16
 MAX_FRAME = 64 << 20
 HANDSHAKE_TIMEOUT = 5.0
@@ -140,6 +142,8 @@ class Transport:
         queue_size: int = 4096,
         max_backoff: float = 0.05,
         rng: random.Random | None = None,
+        server_ssl: ssl.SSLContext | None = None,
+        client_ssl: ssl.SSLContext | None = None,
     ) -> None:
         if not secret:
             raise ValueError("secret: the cluster secret must not be empty")
@@ -149,9 +153,11 @@ class Transport:
         self._inbox = inbox
         self._max_backoff = max_backoff
         self._rng = rng or random.Random()
+        self._server_ssl, self._client_ssl = server_ssl, client_ssl
         self._queues = {peer: trio.open_memory_channel[Message](queue_size) for peer in peers}
         self.stats = {peer: PeerStats() for peer in peers}
         self.errors: Counter[str] = Counter()
+        self._logged: dict[tuple[str, str], tuple[float, int]] = {}
 
     def send(self, messages: Iterable[Message]) -> None:
         """Queue messages for their peers; never blocks, drops when a queue is full."""
@@ -182,13 +188,15 @@ class Transport:
         backoff = 0.005
         while True:
             try:
-                stream = await trio.open_tcp_stream(host, port)
+                stream: trio.abc.Stream = await trio.open_tcp_stream(host, port)
             except OSError:
                 self._drop_queued(queue, stats)
                 await trio.sleep(backoff * (0.5 + self._rng.random()))
                 backoff = min(backoff * 2, self._max_backoff)
                 continue
             try:
+                if self._client_ssl is not None:
+                    stream = trio.SSLStream(stream, self._client_ssl, server_hostname=host)
                 async with stream:
                     framed = _Framed(stream)
                     with trio.fail_after(HANDSHAKE_TIMEOUT):
@@ -196,7 +204,10 @@ class Transport:
                     stats.up, stats.connects, backoff = True, stats.connects + 1, 0.005
                     log.info("peer link up %s", fields(peer=peer, direction="out"))
                     await self._pump(framed, queue, stats)
-            except (OSError, trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError, LinkError) as exc:
+            except LinkError as exc:
+                self.errors["handshake"] += 1
+                self._warn_limited("handshake", peer, exc)
+            except (OSError, trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError) as exc:
                 self.errors["send_link"] += 1
                 if stats.up:
                     log.warning("peer link down %s", fields(peer=peer, error=exc))
@@ -235,8 +246,10 @@ class Transport:
 
     # ---- incoming ----------------------------------------------------------
 
-    async def _accept(self, stream: trio.SocketStream) -> None:
+    async def _accept(self, stream: trio.abc.Stream) -> None:
         peer = "?"
+        if self._server_ssl is not None:
+            stream = trio.SSLStream(stream, self._server_ssl, server_side=True)
         try:
             async with stream:
                 framed = _Framed(stream)
@@ -253,11 +266,22 @@ class Transport:
                             raise LinkError(f"message claims src {m.src!r} on {peer}'s link")
                         await self._inbox.send(m)
         except LinkError as exc:
-            self.errors["bad_frame" if peer != "?" else "handshake"] += 1
-            log.warning("peer link refused %s", fields(peer=peer, error=exc))
+            kind = "bad_frame" if peer != "?" else "handshake"
+            self.errors[kind] += 1
+            self._warn_limited(kind, peer, exc)
         except (OSError, trio.BrokenResourceError, trio.TooSlowError) as exc:
             self.errors["receive_link"] += 1
             log.info("peer link closed %s", fields(peer=peer, error=exc))
+
+    def _warn_limited(self, kind: str, peer: str, error: Exception) -> None:
+        """A misconfigured peer retries many times a second: log the first refusal, then a count."""
+        now = trio.current_time()
+        last, suppressed = self._logged.get((kind, peer), (-LOG_EVERY_S, 0))
+        if now - last < LOG_EVERY_S:
+            self._logged[(kind, peer)] = (last, suppressed + 1)
+            return
+        self._logged[(kind, peer)] = (now, 0)
+        log.warning("peer link refused %s", fields(peer=peer, error=error, suppressed=suppressed))
 
     async def _accept_handshake(self, framed: _Framed) -> NodeId:
         hello = _decode(Hello, await framed.receive())

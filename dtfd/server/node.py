@@ -1,0 +1,244 @@
+"""The driver: runs the Raft core on trio with real time, real disks and real peers.
+
+One task ticks the core on the monotonic clock, one feeds it peer messages, one drains
+its Readys: persist (in a worker thread, one fsync per Ready), then send, then apply and
+answer the clients waiting on those indexes. Proposals that arrive while an fsync is
+in flight land in the next Ready, which is what makes this group commit.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import trio
+
+from dtfd.journal import fields
+from dtfd.raft import Config as RaftConfig
+from dtfd.raft import EntryKind, Message, NotLeader, Proposed, Raft, Ready, Refused, Role
+from dtfd.state.machine import Envelope, Result, StateMachine, encode_envelope
+from dtfd.storage.interface import LogStorage
+
+log = logging.getLogger("dtf.node")
+
+
+class NotLeaderError(Exception):
+    """This node cannot order the request; `leader` is who can, if known."""
+
+    def __init__(self, leader: str) -> None:
+        self.leader = leader
+        super().__init__(f"not the leader (leader: {leader or 'unknown'})")
+
+
+class Unavailable(Exception):
+    """The request's outcome is unknown (leader lost, timeout); retry with the same client/seq."""
+
+
+@dataclass
+class Timing:
+    tick_s: float
+    snapshot_every: int
+
+
+@dataclass
+class _Proposal:
+    term: int
+    event: trio.Event
+    result: Result | Unavailable | None = None
+
+
+@dataclass
+class _Read:
+    event: trio.Event
+    index: int | None = None
+
+
+class Node:
+    def __init__(
+        self,
+        raft_config: RaftConfig,
+        storage: LogStorage,
+        timing: Timing,
+        send: Callable[[Sequence[Message]], None],
+        observe_sync: Callable[[float], None] = lambda seconds: None,
+    ) -> None:
+        self.id = raft_config.id
+        self._observe_sync = observe_sync
+        self.storage = storage
+        self.timing = timing
+        self._send = send
+        persisted = storage.load()
+        self.core = Raft(raft_config, persisted)
+        self.machine = StateMachine()
+        if persisted.snapshot:
+            self.machine.restore(persisted.snapshot.data)
+        self._wake = trio.Event()
+        self._applied_event = trio.Event()
+        self._proposals: dict[int, _Proposal] = {}
+        self._reads: dict[bytes, _Read] = {}
+        self._read_ids = itertools.count(1)
+        self._checksum: tuple[int, str] = (-1, "")
+        self.started = time.monotonic()
+        self.leader_changes = 0
+        self.healthy = True
+        self.last_tick = time.monotonic()
+        self._role_seen: tuple[Role, int, str] = (self.core.role, self.core.term, self.core.leader)
+        self.on_change: list[Callable[[], None]] = []
+
+    # ---- what the API calls -------------------------------------------------
+
+    @property
+    def is_leader(self) -> bool:
+        return self.core.role is Role.LEADER
+
+    async def propose(self, envelope: Envelope, timeout: float = 5.0) -> Result:
+        """Replicate one command and return its result once applied here."""
+        outcome = self.core.propose(encode_envelope(envelope))
+        self._raise_refusal(outcome)
+        assert isinstance(outcome, Proposed)
+        waiter = _Proposal(outcome.term, trio.Event())
+        self._proposals[outcome.last_index] = waiter
+        self._wake.set()
+        with trio.move_on_after(timeout):
+            await waiter.event.wait()
+        self._proposals.pop(outcome.last_index, None)
+        if waiter.result is None:
+            raise Unavailable("timed out waiting for commit; outcome unknown")
+        if isinstance(waiter.result, Unavailable):
+            raise waiter.result
+        return waiter.result
+
+    async def read_barrier(self, timeout: float = 5.0) -> None:
+        """Wait until a linearizable read may be served from the local state (ReadIndex)."""
+        context = next(self._read_ids).to_bytes(8, "big")
+        self._raise_refusal(self.core.read_index(context))
+        waiter = _Read(trio.Event())
+        self._reads[context] = waiter
+        self._wake.set()
+        with trio.move_on_after(timeout):
+            await waiter.event.wait()
+        self._reads.pop(context, None)
+        if waiter.index is None or waiter.index > self.machine.applied:
+            raise Unavailable("read index not confirmed in time")
+
+    def transfer_leadership(self, to: str) -> None:
+        self._raise_refusal(self.core.transfer_leadership(to))
+        self._wake.set()
+
+    def step(self, message: Message) -> None:
+        self.core.step(message)
+        self._wake.set()
+
+    def last_tick_age(self) -> float:
+        return time.monotonic() - self.last_tick
+
+    def checksum(self) -> str:
+        applied = self.machine.applied
+        if self._checksum[0] != applied:
+            self._checksum = (applied, self.machine.checksum())
+        return self._checksum[1]
+
+    @staticmethod
+    def _raise_refusal(outcome: object) -> None:
+        if isinstance(outcome, NotLeader):
+            raise NotLeaderError(outcome.leader)
+        if isinstance(outcome, Refused):
+            raise Unavailable(outcome.reason)
+
+    # ---- the loops ----------------------------------------------------------
+
+    async def run(self) -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._ticker)
+            nursery.start_soon(self._ready_loop)
+
+    async def _ticker(self) -> None:
+        deadline = trio.current_time()
+        while True:
+            deadline += self.timing.tick_s
+            await trio.sleep_until(deadline)
+            now = trio.current_time()
+            if now - deadline > 10 * self.timing.tick_s:
+                deadline = now  # we were paused (SIGSTOP, overload): do not replay missed ticks
+            self.core.tick()
+            self.last_tick = time.monotonic()
+            self._wake.set()
+
+    async def _ready_loop(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake = trio.Event()
+            while self.core.has_ready():
+                rd = self.core.ready()
+                if rd.must_sync:
+                    await trio.to_thread.run_sync(self._persist, rd)
+                self._send(rd.messages)
+                self._apply(rd)
+                self.core.advance(rd)
+                self._note_role()
+                await self._maybe_compact()
+
+    def _persist(self, rd: Ready) -> None:
+        storage = self.storage
+        if rd.snapshot:
+            storage.install_snapshot(rd.snapshot)
+        if rd.entries:
+            storage.append(rd.entries)
+        if rd.hard_state:
+            storage.set_hard_state(rd.hard_state)
+        started = time.monotonic()
+        storage.sync()
+        self._observe_sync(time.monotonic() - started)
+
+    def _apply(self, rd: Ready) -> None:
+        if rd.snapshot:
+            self.machine.restore(rd.snapshot.data)
+            log.info("snapshot installed %s", fields(node=self.id, index=rd.snapshot.meta.index))
+        for entry in rd.committed:
+            if entry.kind is EntryKind.NORMAL:
+                result = self.machine.apply(entry.index, entry.data)
+            else:
+                self.machine.mark_applied(entry.index)
+                result = None
+            waiter = self._proposals.get(entry.index)
+            if waiter is not None:
+                waiter.result = result if entry.term == waiter.term else Unavailable("lost to a leader change")
+                waiter.event.set()
+        for state in rd.read_states:
+            read = self._reads.get(state.context)
+            if read is not None:
+                read.index = state.index
+        applied = self.machine.applied
+        for read in self._reads.values():
+            if read.index is not None and read.index <= applied:
+                read.event.set()
+
+    async def _maybe_compact(self) -> None:
+        applied = self.machine.applied
+        if applied - self.core.log.snapshot_index < self.timing.snapshot_every or applied > self.core.log.applied:
+            return
+        snapshot = self.core.compact(applied, self.machine.snapshot())
+        await trio.to_thread.run_sync(self.storage.compact, snapshot)
+        log.info("log compacted %s", fields(node=self.id, index=applied, bytes=len(snapshot.data)))
+
+    def _note_role(self) -> None:
+        seen = (self.core.role, self.core.term, self.core.leader)
+        if seen == self._role_seen:
+            return
+        if seen[2] != self._role_seen[2] and seen[2]:
+            self.leader_changes += 1
+            log.info("leader %s", fields(node=self.id, leader=seen[2], term=seen[1], role=seen[0].value))
+        self._role_seen = seen
+        if seen[0] is not Role.LEADER:
+            self._fail_pending_reads()
+        for callback in self.on_change:
+            callback()
+
+    def _fail_pending_reads(self) -> None:
+        for read in self._reads.values():
+            if read.index is None:
+                read.event.set()
+
