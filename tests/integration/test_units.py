@@ -1,0 +1,43 @@
+"""The systemd units must be valid and tightly sandboxed, checked by systemd's own tools."""
+
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze (Debian package systemd) is not installed"),
+]
+UNITS = Path(__file__).resolve().parents[2] / "units"
+
+
+@pytest.fixture
+def units(tmp_path: Path) -> Path:
+    """The units with ExecStart pointing at this checkout's dtfd, and an instance of the template."""
+    dtfd = shutil.which("dtfd") or str(Path(__file__).resolve().parents[2] / ".venv" / "bin" / "dtfd")
+    for unit in UNITS.iterdir():
+        (tmp_path / unit.name).write_text(unit.read_text().replace("/usr/bin/dtfd", dtfd))
+    (tmp_path / "dtfd@node1.service").symlink_to(tmp_path / "dtfd@.service")
+    return tmp_path
+
+
+def test_units_pass_systemd_analyze_verify(units):
+    result = subprocess.run(
+        ["systemd-analyze", "verify", "--man=no", "dtfd@node1.service", "dtf.target"],
+        cwd=units, capture_output=True, text=True, timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.strip() == "", result.stderr
+
+
+def test_dtfd_unit_exposure_is_at_most_two(units):
+    result = subprocess.run(
+        ["systemd-analyze", "security", "--offline=yes", "--no-pager", "dtfd@node1.service"],
+        cwd=units, capture_output=True, text=True, timeout=60,
+    )
+    match = re.search(r"Overall exposure level for dtfd@node1.service: ([0-9.]+)", result.stdout)
+    assert match, result.stdout + result.stderr
+    assert float(match.group(1)) <= 2.0, result.stdout
