@@ -7,6 +7,7 @@ input from the network is counted and dropped, never raised: a peer cannot crash
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from collections import Counter
 from collections.abc import Sequence
@@ -121,6 +122,12 @@ class Raft:
         else:
             self._send_append(to)
         return None
+
+    def set_timing(self, heartbeat: int, election_min: int, election_max: int) -> None:
+        """Change timeouts (in ticks) at run time; they apply from the next timer reset."""
+        self.config = dataclasses.replace(
+            self.config, heartbeat=heartbeat, election_min=election_min, election_max=election_max
+        )
 
     def compact(self, index: int, data: bytes) -> Snapshot:
         """Take the state machine's image at an applied index and drop the log behind it."""

@@ -179,8 +179,14 @@ def _reload(node: Node, api: Api, notifier: Notifier, config_path: str) -> None:
     try:
         fresh = config.load(config_path, node.id)
         api.tokens = auth.load_tokens(fresh.config.api.tokens_file)
+        raft = fresh.config.raft
+        node.timing.tick_s = raft.tick_ms / 1000
+        node.core.set_timing(fresh.ticks(raft.heartbeat_ms), fresh.ticks(raft.election_min_ms), fresh.ticks(raft.election_max_ms))
         journal.setup(fresh.config.log.level)
-        log.info("configuration reloaded %s", fields(node=node.id, log_level=fresh.config.log.level))
+        log.info(
+            "configuration reloaded %s",
+            fields(node=node.id, log_level=fresh.config.log.level, tick_ms=raft.tick_ms, heartbeat_ms=raft.heartbeat_ms),
+        )
     except config.ConfigError as exc:
         log.error("reload refused, keeping the running configuration %s", fields(error=exc))
     notifier.ready()

@@ -112,3 +112,18 @@ def test_vote_is_persisted_in_the_ready_that_grants_it():
     assert not next(m for m in rd.messages if m.type == MT.VOTE_RESP).reject
     assert rd.hard_state is not None and (rd.hard_state.term, rd.hard_state.vote) == (2, "n2")
     assert rd.must_sync
+
+
+def test_set_timing_changes_the_election_timeout_range_at_the_next_reset():
+    """A SIGHUP reload can change timing without restarting the node."""
+    node = make_raft("n1")
+    node.set_timing(heartbeat=3, election_min=40, election_max=41)
+    node.step(Message(type=MT.HEARTBEAT, src="n2", dst="n1", term=1))  # a new term resets the timer
+    ticks = 0
+    while node.role is Role.FOLLOWER:
+        node.tick()
+        ticks += 1
+        assert ticks <= 41
+    assert ticks == 40
+    with pytest.raises(ValueError, match="timing"):
+        node.set_timing(heartbeat=5, election_min=5, election_max=6)
