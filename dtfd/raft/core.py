@@ -154,7 +154,7 @@ class Raft:
             or log.pending_snapshot
             or log.stable < log.last_index
             or log.committed > max(log.applying, log.snapshot_index)
-            or self._hard_state() != self._persisted_hs
+            or self._hard_state_changed()
         )
 
     def ready(self) -> Ready:
@@ -647,11 +647,22 @@ class Raft:
         self.progress[self.id].match = last
         self._append([Entry(self.term, last + 1, EntryKind.NOOP)])
 
-    def _hard_state(self) -> HardState:
-        vote = self.vote
+    def _vote_to_persist(self) -> NodeId:
         if "forget_vote_persist" in self._bugs:
-            vote = self._persisted_hs.vote if self._persisted_hs.term == self.term else NONE
-        return HardState(self.term, vote, self.log.committed)
+            return self._persisted_hs.vote if self._persisted_hs.term == self.term else NONE
+        return self.vote
+
+    def _hard_state(self) -> HardState:
+        return HardState(self.term, self._vote_to_persist(), self.log.committed)
+
+    def _hard_state_changed(self) -> bool:
+        """Cheaper than building a HardState: has_ready() runs on every driver wake-up."""
+        persisted = self._persisted_hs
+        return (
+            self.term != persisted.term
+            or self.log.committed != persisted.commit
+            or self._vote_to_persist() != persisted.vote
+        )
 
     def _send(self, kind: MessageType, to: NodeId, **fields: object) -> None:
         fields.setdefault("term", self.term)
