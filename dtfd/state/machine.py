@@ -10,8 +10,11 @@ returns the recorded result instead of applying twice.
 from __future__ import annotations
 
 import hashlib
+from typing import Any
 
 import msgspec
+
+from dtfd.state.tasks import Workload, WorkloadCommand
 
 MAX_SESSIONS = 10_000  # oldest sessions are evicted past this, deterministically by last use
 SESSION_TTL_S = 24 * 3600.0
@@ -37,7 +40,8 @@ class SetConfig(msgspec.Struct, tag="config", frozen=True):
     value: str
 
 
-Command = Put | Delete | CompareAndSet | SetConfig
+KvCommand = Put | Delete | CompareAndSet | SetConfig
+Command = KvCommand | WorkloadCommand
 
 
 class Envelope(msgspec.Struct, frozen=True, array_like=True):
@@ -51,8 +55,8 @@ class Envelope(msgspec.Struct, frozen=True, array_like=True):
 
 class Result(msgspec.Struct, frozen=True, omit_defaults=True):
     ok: bool
-    value: str | None = None
-    error: str = ""  # "", "cas_failed", "stale_sequence"
+    value: Any = None
+    error: str = ""  # "", "cas_failed", "stale_sequence", or a workload error code
     index: int = 0
     duplicate: bool = False
 
@@ -70,6 +74,7 @@ class Image(msgspec.Struct):
     kv: dict[str, str] = {}
     config: dict[str, str] = {}
     sessions: dict[str, Session] = {}
+    workload: Workload = msgspec.field(default_factory=Workload)
 
 
 _encoder = msgspec.msgpack.Encoder(order="sorted")
@@ -107,7 +112,7 @@ class StateMachine:
             if envelope.seq == session.seq:
                 return msgspec.structs.replace(session.result, duplicate=True)
             return Result(ok=False, error="stale_sequence", index=index)
-        result = self._execute(envelope.command, index)
+        result = self._execute(envelope.command, envelope.at, index)
         self.image.sessions[envelope.client] = Session(envelope.seq, result, envelope.at)
         self._expire_sessions(envelope.at)
         return result
@@ -118,7 +123,10 @@ class StateMachine:
             raise ValueError(f"apply out of order: {index} after {self.image.applied}")
         self.image.applied = index
 
-    def _execute(self, command: Command, index: int) -> Result:
+    def _execute(self, command: Command, at: float, index: int) -> Result:
+        if not isinstance(command, KvCommand):
+            ok, value, error = self.image.workload.apply(command, at, index)
+            return Result(ok=ok, value=value, error=error, index=index)
         kv = self.image.kv
         if isinstance(command, Put):
             kv[command.key] = command.value

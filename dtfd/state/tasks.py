@@ -1,0 +1,444 @@
+"""Tasks and workers: the workload partitions of the replicated state and their commands.
+
+Every transition of a task is one command and one history row; every rule that decides
+a transition (lease validity, retries and their backoff, circuit breakers) lives here,
+as a pure function of the state and the command, so that all nodes agree and a new
+leader finds exactly the queue, the leases and the breakers the old one left.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import msgspec
+
+QUEUED, LEASED, RUNNING = "queued", "leased", "running"
+SUCCEEDED, FAILED, TIMED_OUT, CANCELLED, LOST = "succeeded", "failed", "timed_out", "cancelled", "lost"
+TERMINAL = frozenset({SUCCEEDED, FAILED, TIMED_OUT, CANCELLED, LOST})
+ACTIVE = frozenset({LEASED, RUNNING})
+OUTCOMES = frozenset({SUCCEEDED, FAILED, TIMED_OUT, CANCELLED, "error"})
+
+BREAKER_THRESHOLD = 3  # consecutive infrastructure failures that open a worker's breaker
+BREAKER_COOLDOWN_S = 30.0  # an open breaker lets one probe task through after this
+
+
+class Strict(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    pass
+
+
+class Requirements(Strict, frozen=True):
+    labels: dict[str, str] = {}
+    min_cpus: float = 0
+    min_memory_mb: int = 0
+
+
+class Backoff(Strict, frozen=True):
+    base_s: float = 1.0
+    max_s: float = 60.0
+
+
+class TaskSpec(Strict, frozen=True):
+    argv: list[str]
+    shell: bool = False
+    env: dict[str, str] = {}
+    cwd: str = ""
+    timeout_s: float = 600.0
+    requirements: Requirements = Requirements()
+    priority: int = 0
+    max_retries: int = 0
+    backoff: Backoff = Backoff()
+    idempotency_key: str = ""
+    run_id: str = ""
+    name: str = ""
+    junit: str = ""
+
+
+LIMITS = {"argv": 1024, "arg": 16384, "env": 256, "env_bytes": 65536, "labels": 64, "max_retries": 100, "timeout_s": 86400.0}
+
+
+def spec_problem(spec: TaskSpec) -> str:
+    """The first thing wrong with a spec, naming the field; '' if it is acceptable."""
+    if not spec.argv or len(spec.argv) > LIMITS["argv"]:
+        return f"argv: must hold 1 to {LIMITS['argv']} strings"
+    if any(len(arg) > LIMITS["arg"] for arg in spec.argv):
+        return f"argv: an argument exceeds {LIMITS['arg']} characters"
+    if spec.shell and len(spec.argv) != 1:
+        return "argv: with shell = true, argv is exactly one string, the script"
+    if len(spec.env) > LIMITS["env"] or sum(len(k) + len(v) for k, v in spec.env.items()) > LIMITS["env_bytes"]:
+        return f"env: at most {LIMITS['env']} variables and {LIMITS['env_bytes']} bytes"
+    if any(not k or "=" in k or "\0" in k + v for k, v in spec.env.items()):
+        return "env: names must be non-empty without '='; no NUL bytes"
+    if not 0 < spec.timeout_s <= LIMITS["timeout_s"]:
+        return f"timeout_s: must be in (0, {LIMITS['timeout_s']:.0f}]"
+    if not 0 <= spec.max_retries <= LIMITS["max_retries"]:
+        return f"max_retries: must be in [0, {LIMITS['max_retries']}]"
+    if not -1000 <= spec.priority <= 1000:
+        return "priority: must be in [-1000, 1000]"
+    if len(spec.requirements.labels) > LIMITS["labels"]:
+        return f"requirements.labels: at most {LIMITS['labels']}"
+    if spec.requirements.min_cpus < 0 or spec.requirements.min_memory_mb < 0:
+        return "requirements: minimums must not be negative"
+    if not 0 < spec.backoff.base_s <= spec.backoff.max_s <= 3600:
+        return "backoff: need 0 < base_s <= max_s <= 3600"
+    return ""
+
+
+class JUnitCase(msgspec.Struct, frozen=True, array_like=True):
+    name: str
+    classname: str
+    status: str
+    duration_s: float
+    message: str = ""
+
+
+class Outcome(Strict, frozen=True):
+    """What a worker reports for one attempt."""
+
+    status: str
+    exit_code: int | None = None
+    duration_s: float = 0.0
+    peak_rss_bytes: int = 0
+    cpu_s: float = 0.0
+    output_tail: str = ""
+    truncated: bool = False
+    reason: str = ""
+    junit: list[JUnitCase] = []
+
+
+class Lease(msgspec.Struct, frozen=True):
+    id: str
+    worker: str
+    attempt: int
+    granted_at: float
+    expires_at: float
+
+
+class Transition(msgspec.Struct, frozen=True, array_like=True):
+    attempt: int
+    worker: str
+    from_state: str
+    to_state: str
+    reason: str
+    at: float
+
+
+class Task(msgspec.Struct):
+    id: str
+    order: int  # submission order, for FIFO and pagination
+    spec: TaskSpec
+    state: str
+    submitted_at: float
+    updated_at: float
+    attempt: int = 0
+    lease: Lease | None = None
+    not_before: float = 0.0
+    cancel_requested: bool = False
+    result: Outcome | None = None
+    reported: list[str] = []  # lease ids whose results were accepted: a re-send is acknowledged again
+    failed_on: list[str] = []  # workers where an attempt failed; blamed if the task then passes elsewhere
+    history: list[Transition] = []
+
+
+class Breaker(msgspec.Struct):
+    state: str = "closed"  # closed | open | half_open
+    failures: int = 0
+    opened_at: float = 0.0
+    probe: str = ""  # the one task a half-open breaker let through
+
+
+class Worker(msgspec.Struct):
+    id: str
+    labels: dict[str, str]
+    cpus: float
+    memory_mb: int
+    slots: int
+    state: str  # active | draining | lost | gone
+    registered_at: float
+    breaker: Breaker = msgspec.field(default_factory=Breaker)
+
+
+class Assignment(msgspec.Struct, frozen=True, array_like=True):
+    task_id: str
+    lease_id: str
+    expires_at: float
+
+
+class Report(msgspec.Struct, frozen=True):
+    task_id: str
+    lease_id: str
+    outcome: Outcome
+
+
+class RegisterWorker(msgspec.Struct, tag="worker.register", frozen=True):
+    worker: str
+    labels: dict[str, str]
+    cpus: float
+    memory_mb: int
+    slots: int
+
+
+class SetDraining(msgspec.Struct, tag="worker.drain", frozen=True):
+    worker: str
+    draining: bool
+
+
+class RemoveWorker(msgspec.Struct, tag="worker.remove", frozen=True):
+    worker: str
+    lost: bool  # True: stopped heartbeating; False: deregistered
+
+
+class SubmitTasks(msgspec.Struct, tag="task.submit", frozen=True):
+    specs: list[TaskSpec]
+    run_id: str = ""
+
+
+class AssignTasks(msgspec.Struct, tag="task.assign", frozen=True):
+    worker: str
+    assignments: list[Assignment]
+
+
+class StartTask(msgspec.Struct, tag="task.start", frozen=True):
+    task_id: str
+    lease_id: str
+
+
+class FinishTasks(msgspec.Struct, tag="task.finish", frozen=True):
+    reports: list[Report]
+
+
+class CancelTask(msgspec.Struct, tag="task.cancel", frozen=True):
+    task_id: str
+
+
+class ExpireLease(msgspec.Struct, tag="task.expire", frozen=True):
+    task_id: str
+    lease_id: str
+
+
+WorkloadCommand = (
+    RegisterWorker | SetDraining | RemoveWorker | SubmitTasks | AssignTasks | StartTask | FinishTasks | CancelTask | ExpireLease
+)
+
+
+class Workload(msgspec.Struct):
+    """The workload partitions: workers, tasks (each with its history) and idempotency keys."""
+
+    workers: dict[str, Worker] = {}
+    tasks: dict[str, Task] = {}
+    idempotency: dict[str, str] = {}
+    next_order: int = 0
+
+    def apply(self, command: WorkloadCommand, at: float, index: int) -> tuple[bool, object, str]:
+        """Apply one command; (ok, value, error code)."""
+        handler = getattr(self, "_" + type(command).__name__)
+        return handler(command, at, index)
+
+    # ---- workers ----------------------------------------------------------------
+
+    def _RegisterWorker(self, c: RegisterWorker, at: float, index: int) -> tuple[bool, object, str]:
+        worker = self.workers.get(c.worker)
+        if worker is not None and worker.state in ("active", "draining"):
+            worker.labels, worker.cpus, worker.memory_mb, worker.slots = dict(c.labels), c.cpus, c.memory_mb, c.slots
+            worker.state = "active"
+        else:
+            breaker = worker.breaker if worker is not None else Breaker()
+            self.workers[c.worker] = Worker(c.worker, dict(c.labels), c.cpus, c.memory_mb, c.slots, "active", at, breaker)
+        return True, {"worker": c.worker}, ""
+
+    def _SetDraining(self, c: SetDraining, at: float, index: int) -> tuple[bool, object, str]:
+        worker = self.workers.get(c.worker)
+        if worker is None or worker.state not in ("active", "draining"):
+            return False, None, "unknown_worker"
+        worker.state = "draining" if c.draining else "active"
+        return True, {"worker": c.worker, "state": worker.state}, ""
+
+    def _RemoveWorker(self, c: RemoveWorker, at: float, index: int) -> tuple[bool, object, str]:
+        worker = self.workers.get(c.worker)
+        if worker is None or worker.state in ("lost", "gone"):
+            return False, None, "unknown_worker"
+        worker.state = "lost" if c.lost else "gone"
+        reason = "worker lost" if c.lost else "worker deregistered"
+        requeued = []
+        for task in self.tasks.values():
+            if task.state in ACTIVE and task.lease is not None and task.lease.worker == c.worker:
+                self._end_attempt(task, at, reason, LOST)
+                requeued.append(task.id)
+        return True, {"worker": c.worker, "requeued": requeued}, ""
+
+    # ---- tasks --------------------------------------------------------------------
+
+    def _SubmitTasks(self, c: SubmitTasks, at: float, index: int) -> tuple[bool, object, str]:
+        for n, spec in enumerate(c.specs):
+            problem = spec_problem(spec)
+            if problem:
+                return False, {"task": n, "problem": problem}, "invalid"  # nothing of the batch is applied
+        submitted = []
+        for n, spec in enumerate(c.specs):
+            key = spec.idempotency_key
+            if key and key in self.idempotency:
+                existing = self.tasks[self.idempotency[key]]
+                submitted.append({"id": existing.id, "state": existing.state, "duplicate": True})
+                continue
+            if c.run_id and not spec.run_id:
+                spec = msgspec.structs.replace(spec, run_id=c.run_id)
+            task_id = f"t{index}.{n}"
+            task = Task(task_id, self.next_order, spec, QUEUED, at, at, not_before=at)
+            self.next_order += 1
+            task.history.append(Transition(0, "", "", QUEUED, "submitted", at))
+            self.tasks[task_id] = task
+            if key:
+                self.idempotency[key] = task_id
+            submitted.append({"id": task_id, "state": QUEUED, "duplicate": False})
+        return True, submitted, ""
+
+    def _AssignTasks(self, c: AssignTasks, at: float, index: int) -> tuple[bool, object, str]:
+        worker = self.workers.get(c.worker)
+        if worker is None or worker.state != "active":
+            return False, [], "worker_unavailable"
+        free = worker.slots - sum(1 for t in self.tasks.values() if t.state in ACTIVE and t.lease and t.lease.worker == c.worker)
+        granted = []
+        for assignment in c.assignments:
+            if free <= 0 or not breaker_admits(worker.breaker, at):
+                break
+            task = self.tasks.get(assignment.task_id)
+            if task is None or task.state != QUEUED or task.not_before > at or task.cancel_requested:
+                continue
+            if not fits(task.spec.requirements, worker):
+                continue
+            task.attempt += 1
+            task.lease = Lease(assignment.lease_id, c.worker, task.attempt, at, assignment.expires_at)
+            self._move(task, LEASED, at, "leased", c.worker)
+            if worker.breaker.state != "closed":
+                worker.breaker.state, worker.breaker.probe = "half_open", task.id
+            free -= 1
+            granted.append({"lease_id": task.lease.id, "task_id": task.id, "attempt": task.attempt, "expires_at": task.lease.expires_at})
+        return True, granted, ""
+
+    def _StartTask(self, c: StartTask, at: float, index: int) -> tuple[bool, object, str]:
+        task = self.tasks.get(c.task_id)
+        if task is None or task.lease is None or task.lease.id != c.lease_id or task.state not in ACTIVE:
+            return False, None, "stale_lease"
+        if task.state == LEASED:
+            self._move(task, RUNNING, at, "started", task.lease.worker)
+        return True, {"task_id": task.id, "state": task.state, "cancel_requested": task.cancel_requested}, ""
+
+    def _FinishTasks(self, c: FinishTasks, at: float, index: int) -> tuple[bool, object, str]:
+        answers = []
+        for report in c.reports:
+            error = self._finish(report, at)
+            answers.append({"task_id": report.task_id, "lease_id": report.lease_id, "accepted": not error, "error": error})
+        return True, answers, ""
+
+    def _finish(self, report: Report, at: float) -> str:
+        task = self.tasks.get(report.task_id)
+        if task is None:
+            return "unknown_task"
+        if report.lease_id in task.reported:
+            return ""  # a re-send of a result already recorded
+        lease = task.lease
+        if lease is None or lease.id != report.lease_id or task.state not in ACTIVE:
+            return "stale_lease"
+        outcome = report.outcome
+        if outcome.status not in OUTCOMES:
+            return "invalid_status"
+        task.reported.append(lease.id)
+        worker = self.workers.get(lease.worker)
+        if outcome.status == SUCCEEDED:
+            task.result = outcome
+            self._move(task, SUCCEEDED, at, "exit 0", lease.worker)
+            self._breaker_success(worker, at)
+            for other in dict.fromkeys(task.failed_on):
+                if other != lease.worker:
+                    self._breaker_failure(self.workers.get(other), task.id, at)
+            return ""
+        if outcome.status == CANCELLED or task.cancel_requested:
+            task.result = outcome
+            self._move(task, CANCELLED, at, outcome.reason or "cancelled", lease.worker)
+            return ""
+        if outcome.status == "error":
+            self._breaker_failure(worker, task.id, at)  # could not even run it: the worker's fault
+        elif worker is not None and worker.breaker.probe == task.id:
+            self._breaker_failure(worker, task.id, at)
+        task.failed_on.append(lease.worker)
+        terminal = TIMED_OUT if outcome.status == TIMED_OUT else FAILED
+        reason = outcome.reason or (f"exit {outcome.exit_code}" if outcome.exit_code is not None else outcome.status)
+        if not self._end_attempt(task, at, reason, terminal):
+            task.result = outcome
+        return ""
+
+    def _CancelTask(self, c: CancelTask, at: float, index: int) -> tuple[bool, object, str]:
+        task = self.tasks.get(c.task_id)
+        if task is None:
+            return False, None, "unknown_task"
+        if task.state in TERMINAL:
+            return False, {"state": task.state}, "already_finished"
+        if task.state == QUEUED:
+            self._move(task, CANCELLED, at, "cancelled while queued", "")
+        else:
+            task.cancel_requested = True
+        return True, {"task_id": task.id, "state": task.state, "cancel_requested": task.cancel_requested}, ""
+
+    def _ExpireLease(self, c: ExpireLease, at: float, index: int) -> tuple[bool, object, str]:
+        task = self.tasks.get(c.task_id)
+        if task is None or task.lease is None or task.lease.id != c.lease_id or task.state not in ACTIVE:
+            return False, None, "stale_lease"
+        self._end_attempt(task, at, "lease expired without a result", TIMED_OUT)
+        return True, {"task_id": task.id, "state": task.state}, ""
+
+    # ---- rules ----------------------------------------------------------------------
+
+    def _end_attempt(self, task: Task, at: float, reason: str, terminal: str) -> bool:
+        """Retry the task if attempts remain (True), else end it in `terminal` (False)."""
+        worker = task.lease.worker if task.lease else ""
+        task.lease = None
+        if task.cancel_requested:
+            self._move(task, CANCELLED, at, f"cancelled ({reason})", worker)
+            return False
+        if task.attempt <= task.spec.max_retries:
+            task.not_before = at + retry_delay(task.id, task.attempt, task.spec.backoff)
+            self._move(task, QUEUED, at, f"retry after {reason}", worker)
+            return True
+        self._move(task, terminal, at, reason, worker)
+        return False
+
+    def _move(self, task: Task, to: str, at: float, reason: str, worker: str) -> None:
+        task.history.append(Transition(task.attempt, worker, task.state, to, reason, at))
+        task.state, task.updated_at = to, at
+
+    @staticmethod
+    def _breaker_success(worker: Worker | None, at: float) -> None:
+        if worker is not None:
+            worker.breaker = Breaker()
+
+    @staticmethod
+    def _breaker_failure(worker: Worker | None, task_id: str, at: float) -> None:
+        if worker is None:
+            return
+        breaker = worker.breaker
+        breaker.failures += 1
+        if breaker.state == "half_open" or breaker.failures >= BREAKER_THRESHOLD:
+            breaker.state, breaker.opened_at, breaker.probe = "open", at, ""
+
+
+def fits(requirements: Requirements, worker: Worker) -> bool:
+    return (
+        all(worker.labels.get(key) == value for key, value in requirements.labels.items())
+        and worker.cpus >= requirements.min_cpus
+        and worker.memory_mb >= requirements.min_memory_mb
+    )
+
+
+def breaker_admits(breaker: Breaker, at: float) -> bool:
+    """Closed: yes. Open: one probe once the cool-down has passed. Half-open: not while the probe runs."""
+    if breaker.state == "closed":
+        return True
+    if breaker.state == "open":
+        return at >= breaker.opened_at + BREAKER_COOLDOWN_S
+    return False
+
+
+def retry_delay(task_id: str, attempt: int, backoff: Backoff) -> float:
+    """Exponential and capped, with jitter every node computes alike (from the task id, not an RNG)."""
+    ceiling = min(backoff.max_s, backoff.base_s * 2 ** (attempt - 1))
+    digest = hashlib.sha256(f"{task_id}/{attempt}".encode()).digest()
+    return ceiling * (0.5 + 0.5 * int.from_bytes(digest[:4], "big") / 0xFFFFFFFF)

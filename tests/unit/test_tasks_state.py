@@ -1,0 +1,234 @@
+"""The workload rules every node applies alike: leases, retries, breakers, exactly one result."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from dtfd.state import tasks as t
+from dtfd.state.machine import Envelope, StateMachine, encode_envelope
+
+
+class Cluster:
+    """One state machine fed commands as the leader would propose them."""
+
+    def __init__(self) -> None:
+        self.machine = StateMachine()
+        self.now = 1000.0
+        self._seq = itertools.count(1)
+
+    def apply(self, command, at: float | None = None):
+        if at is not None:
+            self.now = at
+        envelope = Envelope("test", next(self._seq), self.now, command)
+        return self.machine.apply(self.machine.applied + 1, encode_envelope(envelope))
+
+    @property
+    def workload(self) -> t.Workload:
+        return self.machine.image.workload
+
+    def task(self, task_id: str) -> t.Task:
+        return self.workload.tasks[task_id]
+
+    def register(self, worker: str = "w1", labels: dict | None = None, slots: int = 4) -> None:
+        assert self.apply(t.RegisterWorker(worker, labels or {"os": "linux"}, 4.0, 8192, slots)).ok
+
+    def submit(self, **spec) -> str:
+        spec.setdefault("argv", ["true"])
+        result = self.apply(t.SubmitTasks([t.TaskSpec(**spec)]))
+        assert result.ok, result
+        return result.value[0]["id"]
+
+    def lease(self, task_id: str, worker: str = "w1", lease_id: str | None = None) -> str | None:
+        lease_id = lease_id or f"L{next(self._seq)}"
+        result = self.apply(t.AssignTasks(worker, [t.Assignment(task_id, lease_id, self.now + 60)]))
+        return lease_id if result.ok and result.value else None
+
+    def finish(self, task_id: str, lease_id: str, status: str = "succeeded", **outcome) -> dict:
+        exit_code = 0 if status == "succeeded" else 1
+        report = t.Report(task_id, lease_id, t.Outcome(status=status, exit_code=exit_code, **outcome))
+        return self.apply(t.FinishTasks([report])).value[0]
+
+
+def test_task_runs_through_its_states_and_every_transition_is_recorded():
+    c = Cluster()
+    c.register()
+    task_id = c.submit(name="unit")
+    lease = c.lease(task_id)
+    assert c.task(task_id).state == t.LEASED
+    assert c.apply(t.StartTask(task_id, lease)).ok
+    assert c.finish(task_id, lease)["accepted"]
+    task = c.task(task_id)
+    assert task.state == t.SUCCEEDED and task.result.exit_code == 0
+    assert [(h.from_state, h.to_state) for h in task.history] == [("", "queued"), ("queued", "leased"), ("leased", "running"), ("running", "succeeded")]
+
+
+def test_result_for_a_stale_lease_is_refused_so_a_task_has_exactly_one_result():
+    c = Cluster()
+    c.register("w1")
+    c.register("w2")
+    task_id = c.submit(max_retries=1)
+    first = c.lease(task_id, "w1")
+    c.apply(t.RemoveWorker("w1", lost=True))  # w1 stopped heartbeating: requeued, attempt counted
+    assert c.task(task_id).state == t.QUEUED and c.task(task_id).attempt == 1
+    c.now = c.task(task_id).not_before
+    second = c.lease(task_id, "w2")
+    late = c.finish(task_id, first)
+    assert late == {"task_id": task_id, "lease_id": first, "accepted": False, "error": "stale_lease"}
+    assert c.finish(task_id, second)["accepted"]
+    assert c.finish(task_id, second)["accepted"]  # a re-send is acknowledged, not applied twice
+    task = c.task(task_id)
+    assert task.state == t.SUCCEEDED and task.attempt == 2
+    assert sum(1 for h in task.history if h.to_state == t.SUCCEEDED) == 1
+
+
+def test_failures_retry_with_capped_deterministic_backoff_until_attempts_run_out():
+    c = Cluster()
+    c.register()
+    task_id = c.submit(max_retries=2, backoff=t.Backoff(base_s=2.0, max_s=3.0))
+    delays = []
+    for attempt in range(1, 4):
+        lease = c.lease(task_id)
+        assert lease, attempt
+        c.finish(task_id, lease, status="failed")
+        task = c.task(task_id)
+        if attempt < 3:
+            assert task.state == t.QUEUED
+            delays.append(task.not_before - c.now)
+            assert c.lease(task_id) is None  # not before its backoff
+            c.now = task.not_before
+    assert c.task(task_id).state == t.FAILED and c.task(task_id).attempt == 3
+    assert 1.0 <= delays[0] <= 2.0 and 1.5 <= delays[1] <= 3.0  # exponential, jittered in [50%, 100%], capped
+    backoff = t.Backoff(base_s=2.0, max_s=3.0)
+    assert delays == pytest.approx([t.retry_delay(task_id, 1, backoff), t.retry_delay(task_id, 2, backoff)])
+
+
+def test_assignment_respects_labels_resources_slots_and_draining():
+    c = Cluster()
+    c.register("w1", {"os": "linux"}, slots=1)
+    gpu = c.submit(requirements=t.Requirements(labels={"gpu": "webgpu"}))
+    big = c.submit(requirements=t.Requirements(min_memory_mb=1 << 20))
+    first, second = c.submit(), c.submit()
+    assert c.lease(gpu) is None and c.lease(big) is None
+    assert c.lease(first) is not None
+    assert c.lease(second) is None  # one slot, already used
+    c.register("w2")
+    c.apply(t.SetDraining("w2", True))
+    assert c.lease(second, "w2") is None
+    c.apply(t.SetDraining("w2", False))
+    assert c.lease(second, "w2") is not None
+
+
+def test_breaker_opens_on_infrastructure_failures_lets_one_probe_through_and_closes_on_success():
+    c = Cluster()
+    c.register()
+    for _ in range(t.BREAKER_THRESHOLD):
+        task_id = c.submit()
+        c.finish(task_id, c.lease(task_id), status="error", reason="argv[0] not found")
+    assert c.workload.workers["w1"].breaker.state == "open"
+    probe, other = c.submit(), c.submit()
+    assert c.lease(probe) is None  # open: nothing during the cool-down
+    c.now += t.BREAKER_COOLDOWN_S
+    lease = c.lease(probe)
+    assert lease and c.workload.workers["w1"].breaker.state == "half_open"
+    assert c.lease(other) is None  # exactly one probe
+    c.finish(probe, lease)
+    assert c.workload.workers["w1"].breaker.state == "closed"
+    assert c.lease(other) is not None
+
+
+def test_half_open_probe_failure_reopens_the_breaker():
+    c = Cluster()
+    c.register()
+    for _ in range(t.BREAKER_THRESHOLD):
+        task_id = c.submit()
+        c.finish(task_id, c.lease(task_id), status="error")
+    c.now += t.BREAKER_COOLDOWN_S
+    probe = c.submit()
+    c.finish(probe, c.lease(probe), status="failed")
+    breaker = c.workload.workers["w1"].breaker
+    assert breaker.state == "open" and breaker.opened_at == c.now
+
+
+def test_a_task_failing_on_one_worker_and_passing_on_another_counts_against_the_first():
+    c = Cluster()
+    c.register("bad")
+    c.register("good")
+    for _ in range(t.BREAKER_THRESHOLD):
+        task_id = c.submit(max_retries=1, backoff=t.Backoff(base_s=0.001, max_s=0.001))
+        c.finish(task_id, c.lease(task_id, "bad"), status="failed")
+        c.now += 1
+        c.finish(task_id, c.lease(task_id, "good"))
+    assert c.workload.workers["bad"].breaker.state == "open"
+    assert c.workload.workers["good"].breaker.state == "closed"
+
+
+def test_idempotency_key_returns_the_first_task_and_invalid_batches_apply_nothing():
+    c = Cluster()
+    first = c.submit(idempotency_key="build-42")
+    again = c.apply(t.SubmitTasks([t.TaskSpec(argv=["other"], idempotency_key="build-42")])).value
+    assert again == [{"id": first, "state": "queued", "duplicate": True}]
+    before = dict(c.workload.tasks)
+    bad = c.apply(t.SubmitTasks([t.TaskSpec(argv=["ok"]), t.TaskSpec(argv=[])]))
+    assert not bad.ok and bad.error == "invalid" and "argv" in bad.value["problem"]
+    assert c.workload.tasks == before
+
+
+def test_cancel_queued_at_once_running_through_the_worker():
+    c = Cluster()
+    c.register()
+    queued, running = c.submit(), c.submit(max_retries=3)
+    assert c.apply(t.CancelTask(queued)).value["state"] == t.CANCELLED
+    lease = c.lease(running)
+    c.apply(t.StartTask(running, lease))
+    assert c.apply(t.CancelTask(running)).value["cancel_requested"]
+    c.finish(running, lease, status="failed", reason="killed")  # even a failure ends it cancelled, no retry
+    assert c.task(running).state == t.CANCELLED
+    assert not c.apply(t.CancelTask(running)).ok
+
+
+def test_expired_lease_times_the_attempt_out_and_deregistering_requeues():
+    c = Cluster()
+    c.register()
+    task_id = c.submit()
+    lease = c.lease(task_id)
+    assert c.apply(t.ExpireLease(task_id, lease)).ok
+    assert c.task(task_id).state == t.TIMED_OUT
+    assert not c.apply(t.ExpireLease(task_id, lease)).ok
+    other = c.submit(max_retries=1)
+    c.lease(other)
+    c.apply(t.RemoveWorker("w1", lost=False))
+    assert c.task(other).state == t.QUEUED
+    assert c.task(other).history[-1].reason == "retry after worker deregistered"
+
+
+commands = st.one_of(
+    st.builds(t.RegisterWorker, st.sampled_from(["w1", "w2"]), st.just({"os": "linux"}), st.just(2.0), st.just(1024), st.integers(1, 3)),
+    st.builds(t.SubmitTasks, st.lists(st.builds(t.TaskSpec, argv=st.just(["x"]), max_retries=st.integers(0, 2)), min_size=1, max_size=3)),
+    st.builds(t.AssignTasks, st.sampled_from(["w1", "w2"]), st.lists(st.builds(t.Assignment, st.sampled_from([f"t{i}.0" for i in range(1, 12)]), st.text("abc", min_size=1, max_size=3), st.just(99.0)), max_size=2)),
+    st.builds(t.FinishTasks, st.lists(st.builds(t.Report, st.sampled_from([f"t{i}.0" for i in range(1, 12)]), st.text("abc", min_size=1, max_size=3), st.builds(t.Outcome, status=st.sampled_from(sorted(t.OUTCOMES)))), max_size=2)),
+    st.builds(t.RemoveWorker, st.sampled_from(["w1", "w2"]), st.booleans()),
+    st.builds(t.CancelTask, st.sampled_from([f"t{i}.0" for i in range(1, 12)])),
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.tuples(commands, st.floats(0, 100)), max_size=25), st.lists(st.tuples(commands, st.floats(0, 100)), max_size=8))
+def test_workload_snapshot_restores_exactly_and_replicas_agree(prefix, suffix):
+    a, b = Cluster(), Cluster()
+    for command, at in prefix:
+        assert a.apply(command, at) == b.apply(command, at)
+    restored = Cluster()
+    restored.machine.restore(a.machine.snapshot())
+    restored._seq = itertools.count(len(prefix) + 1)
+    a._seq = itertools.count(len(prefix) + 1)
+    assert restored.machine.checksum() == a.machine.checksum()
+    for command, at in suffix:
+        assert restored.apply(command, at) == a.apply(command, at)
+    assert restored.machine.checksum() == a.machine.checksum()
+    for task in a.workload.tasks.values():
+        assert task.attempt <= task.spec.max_retries + 1
+        assert sum(1 for h in task.history if h.to_state in t.TERMINAL) <= 1
