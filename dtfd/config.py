@@ -56,6 +56,15 @@ class Api(Strict):
     tokens_file: str = "/etc/dtf/tokens.toml"
 
 
+class Workload(Strict):
+    heartbeat_s: float = 2.0  # how often workers are told to heartbeat
+    lost_after_s: float = 10.0  # a worker silent this long is lost; its tasks are requeued
+    lease_grace_s: float = 60.0  # a lease expires at timeout_s + this without a result
+    max_queued_tasks: int = 100_000  # submissions past this get 429
+    submit_rate_per_s: float = 200.0  # tasks per second per client (token), sustained
+    submit_burst: int = 2000  # tasks a client may submit at once above its rate
+
+
 class Tls(Strict):
     cert_file: str = ""  # TLS on the API and peer links when both are set
     key_file: str = ""
@@ -76,6 +85,7 @@ class Config(Strict):
     raft: Raft = Raft()
     storage: Storage = Storage()
     api: Api = Api()
+    workload: Workload = Workload()
     tls: Tls = Tls()
     log: Log = Log()
 
@@ -145,6 +155,8 @@ def _resolve(config: Config, node_id: str) -> NodeConfig:
         parse_address(node.peer, f"cluster.nodes[{n}].peer")
         parse_address(node.api, f"cluster.nodes[{n}].api")
     _check_raft(config.raft)
+    if config.workload.lost_after_s < 2 * config.workload.heartbeat_s:
+        raise ConfigError("workload.lost_after_s: must be at least 2 heartbeats (workload.heartbeat_s * 2)")
     _check_positive(config)
     if config.log.level.lower() not in ("debug", "info", "warning", "error", "critical"):
         raise ConfigError(f"log.level: {config.log.level!r} is not debug, info, warning, error or critical")
@@ -168,7 +180,7 @@ def _check_raft(raft: Raft) -> None:
 
 
 def _check_positive(config: Config) -> None:
-    for section in ("raft", "storage", "api"):
+    for section in ("raft", "storage", "api", "workload"):
         for key, value in msgspec.structs.asdict(getattr(config, section)).items():
-            if type(value) is int and value < 1:
+            if type(value) in (int, float) and value <= 0:
                 raise ConfigError(f"{section}.{key}: must be positive, got {value}")

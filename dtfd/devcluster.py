@@ -48,6 +48,7 @@ class ClusterFiles:
     api: dict[str, str]
     admin_token: str
     reader_token: str
+    worker_token: str
     ca_file: str = ""  # set when the cluster serves TLS
 
     @property
@@ -61,18 +62,20 @@ def write_configs(
     raft: dict | None = None,
     storage: dict | None = None,
     tls: dict | None = None,
+    workload: dict | None = None,
 ) -> ClusterFiles:
     """A working config set for `nodes` nodes on free loopback ports (TLS if `tls` names cert, key, CA)."""
     directory.mkdir(parents=True, exist_ok=True)
     ids = [f"node{n + 1}" for n in range(nodes)]
     ports = free_ports(2 * nodes)
     api = {node: f"127.0.0.1:{ports[2 * n]}" for n, node in enumerate(ids)}
-    admin, reader = secrets.token_urlsafe(24), secrets.token_urlsafe(24)
+    admin, reader, worker = (secrets.token_urlsafe(24) for _ in range(3))
     _write_private(directory / "cluster.secret", secrets.token_urlsafe(32) + "\n")
     tokens = {
         "tokens": [
             {"name": ADMIN_TOKEN_NAME, "role": "admin", "token": admin},
             {"name": "reader", "role": "reader", "token": reader},
+            {"name": "worker", "role": "worker", "token": worker},
         ]
     }
     _write_private(directory / "tokens.toml", tomli_w.dumps(tokens))
@@ -88,9 +91,11 @@ def write_configs(
         cluster["raft"] = raft
     if tls:
         cluster["tls"] = tls
+    if workload:
+        cluster["workload"] = workload
     config = directory / "dtfd.toml"
     _write_private(config, tomli_w.dumps(cluster))
-    return ClusterFiles(directory, config, ids, api, admin, reader, (tls or {}).get("ca_file", ""))
+    return ClusterFiles(directory, config, ids, api, admin, reader, worker, (tls or {}).get("ca_file", ""))
 
 
 @dataclass

@@ -10,7 +10,6 @@ from __future__ import annotations
 import re
 import ssl
 import time
-import uuid
 from urllib.parse import unquote
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -27,6 +26,7 @@ from dtfd.server.node import Node, NotLeaderError, Unavailable
 from dtfd.state.machine import Command, CompareAndSet, Delete, Envelope, Put, SetConfig
 
 FORWARDED = "x-dtf-forwarded"
+FORWARD_TIMEOUT_S = 30.0  # above the longest long-poll a worker may ask for
 MAX_KEY = 256
 
 
@@ -79,7 +79,7 @@ class Api:
         self.draining = False
         self.in_flight = 0
         self.scheme = "https" if client_ssl else "http"
-        self.forwarder = httpx.AsyncClient(timeout=10.0, verify=client_ssl or True)
+        self.forwarder = httpx.AsyncClient(timeout=FORWARD_TIMEOUT_S, verify=client_ssl or True)
         r = re.compile
         key = r"(?P<key>[^/]+)"
         self.routes = [
@@ -95,6 +95,10 @@ class Api:
             Route("PUT", r(f"/v1/config/{key}"), auth.ADMIN, self.config_put, "/v1/config/{key}"),
             Route("POST", r("/v1/leadership/transfer"), auth.ADMIN, self.transfer, "/v1/leadership/transfer"),
         ]
+
+    def add_routes(self, routes: list[tuple[str, str, frozenset[str] | None, Callable[..., Awaitable[Response]], str]]) -> None:
+        for method, pattern, roles, handler, name in routes:
+            self.routes.append(Route(method, re.compile(pattern), roles, handler, name))
 
     async def handle(self, request: Request) -> Response:
         route, match = self._route(request)
@@ -126,6 +130,7 @@ class Api:
                 return error_response(401, "unauthorized", "missing or unknown bearer token", [("WWW-Authenticate", "Bearer")])
             if token.role not in route.roles:
                 return error_response(403, "forbidden", f"role {token.role} may not call {route.method} {route.name}")
+            request.principal = token.name
         try:
             return await route.handler(request, **match.groupdict())
         except BadRequest as exc:
@@ -195,23 +200,23 @@ class Api:
         return json_response(200, {"key": key, "value": value, "applied_index": self.node.machine.applied})
 
     async def kv_put(self, request: Request, key: str) -> Response:
-        body = _decode(request.body, PutBody)
+        body = decode_body(request.body, PutBody)
         return await self._write(request, Put(_key(key), body.value), body)
 
     async def kv_delete(self, request: Request, key: str) -> Response:
-        body = _decode(request.body or b"{}", ClientFields)
+        body = decode_body(request.body or b"{}", ClientFields)
         return await self._write(request, Delete(_key(key)), body)
 
     async def kv_cas(self, request: Request, key: str) -> Response:
-        body = _decode(request.body, CasBody)
+        body = decode_body(request.body, CasBody)
         return await self._write(request, CompareAndSet(_key(key), body.expected, body.value), body)
 
     async def config_put(self, request: Request, key: str) -> Response:
-        body = _decode(request.body, PutBody)
+        body = decode_body(request.body, PutBody)
         return await self._write(request, SetConfig(_key(key), body.value), body)
 
     async def transfer(self, request: Request) -> Response:
-        body = _decode(request.body or b"{}", TransferBody)
+        body = decode_body(request.body or b"{}", TransferBody)
         if not self.node.is_leader:
             raise NotLeaderError(self.node.core.leader)
         target = body.to or self.best_follower()
@@ -228,8 +233,7 @@ class Api:
     async def _write(self, request: Request, command: Command, fields: ClientFields) -> Response:
         if fields.seq < 0:
             raise BadRequest(422, "invalid", "seq: must not be negative")
-        client, seq = (fields.client, fields.seq) if fields.client else (f"anon-{uuid.uuid4().hex}", 1)
-        envelope = Envelope(client, seq, time.time(), command)
+        envelope = Envelope(fields.client, fields.seq, time.time(), command)
         try:
             result = await self.node.propose(envelope)
         except NotLeaderError:
@@ -263,7 +267,7 @@ class Api:
         return f"leader is {leader} at {self.api_addresses.get(leader, 'an unknown address')}"
 
 
-def _decode(body: bytes, kind: type[msgspec.Struct]) -> msgspec.Struct:
+def decode_body(body: bytes, kind: type[msgspec.Struct]) -> msgspec.Struct:
     try:
         return msgspec.json.decode(body, type=kind)
     except msgspec.ValidationError as exc:

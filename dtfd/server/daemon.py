@@ -20,12 +20,16 @@ from dtfd import config, journal
 from dtfd.journal import fields
 from dtfd.raft import Config as RaftConfig
 from dtfd.raft import Message
+from dtfd.scheduler.scheduler import Policy, Scheduler
+from dtfd.scheduler.shedding import RateLimiter
 from dtfd.server import auth, http, tls
 from dtfd.server.api import Api
 from dtfd.server.metrics import Metrics
 from dtfd.server.node import Node, Timing
 from dtfd.server.notify import Notifier
+from dtfd.server.recorder import Recorder
 from dtfd.server.transport import Transport
+from dtfd.server.workload_api import WorkloadApi
 from dtfd.storage.datadir import open_or_exit
 from dtfd.storage.interface import EX_IOERR, StorageFailed
 
@@ -101,6 +105,11 @@ async def serve(cfg: config.NodeConfig, config_path: str) -> int:
         node = Node(raft_config(cfg), storage, timing, transport.send, metrics.fsync_seconds.observe)
         metrics.watch(node, transport)
         api = Api(node, metrics, tokens, {n.id: n.api for n in cfg.config.cluster.nodes}, client_ssl)
+        w = cfg.config.workload
+        scheduler = Scheduler(node, Policy(w.heartbeat_s, w.lost_after_s, w.lease_grace_s, max_queued=w.max_queued_tasks))
+        WorkloadApi(api, scheduler, RateLimiter(w.submit_rate_per_s, w.submit_burst))
+        recorder = Recorder(cfg.data_dir)
+        node.on_apply.append(lambda index, envelope, result: recorder.observe(index, envelope.command, result, node.machine.image.workload))
         limits = http.Limits(max_body_bytes=cfg.config.api.max_body_bytes)
         notifier = Notifier()
         node.on_change.append(lambda: notifier.status(_status_line(node)))
@@ -109,6 +118,8 @@ async def serve(cfg: config.NodeConfig, config_path: str) -> int:
                 nursery.start_soon(transport.run, peer_listeners)
                 nursery.start_soon(_deliver, inbox, node)
                 nursery.start_soon(node.run)
+                nursery.start_soon(scheduler.run)
+                nursery.start_soon(recorder.run)
                 nursery.start_soon(http.serve, api.handle, api_listeners, limits)
                 nursery.start_soon(_watchdog, node, notifier)
                 notifier.ready()

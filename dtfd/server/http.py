@@ -41,6 +41,7 @@ class Request:
     headers: dict[str, str]
     body: bytes
     peer: str = ""
+    principal: str = ""  # the token's name, once authenticated
 
 
 @dataclass

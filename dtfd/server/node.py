@@ -87,6 +87,7 @@ class Node:
         self.last_tick = time.monotonic()
         self._role_seen: tuple[Role, int, str] = (self.core.role, self.core.term, self.core.leader)
         self.on_change: list[Callable[[], None]] = []
+        self.on_apply: list[Callable[[int, Envelope, Result], None]] = []
 
     # ---- what the API calls -------------------------------------------------
 
@@ -199,7 +200,10 @@ class Node:
             log.info("snapshot installed %s", fields(node=self.id, index=rd.snapshot.meta.index))
         for entry in rd.committed:
             if entry.kind is EntryKind.NORMAL:
-                result = self.machine.apply(entry.index, entry.data)
+                envelope, result = self.machine.apply_decoded(entry.index, entry.data)
+                if envelope is not None:
+                    for observe in self.on_apply:
+                        observe(entry.index, envelope, result)
             else:
                 self.machine.mark_applied(entry.index)
                 result = None

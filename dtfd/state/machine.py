@@ -47,7 +47,7 @@ Command = KvCommand | WorkloadCommand
 class Envelope(msgspec.Struct, frozen=True, array_like=True):
     """One replicated command: who sent it, its place in that client's sequence, when."""
 
-    client: str
+    client: str  # "" for commands that need no retry protection (the scheduler's, anonymous writes)
     seq: int
     at: float  # leader's wall clock when it proposed, seconds since the epoch
     command: Command
@@ -100,22 +100,28 @@ class StateMachine:
 
     def apply(self, index: int, data: bytes) -> Result:
         """Apply the command at `index`; undecodable data is recorded as a failed no-op."""
+        return self.apply_decoded(index, data)[1]
+
+    def apply_decoded(self, index: int, data: bytes) -> tuple[Envelope | None, Result]:
+        """As apply(), also returning the decoded envelope for observers (history, metrics)."""
         if index != self.image.applied + 1:
             raise ValueError(f"apply out of order: {index} after {self.image.applied}")
         self.image.applied = index
         try:
             envelope = decode_envelope(data)
         except (msgspec.DecodeError, msgspec.ValidationError):
-            return Result(ok=False, error="undecodable", index=index)
+            return None, Result(ok=False, error="undecodable", index=index)
+        if not envelope.client:
+            return envelope, self._execute(envelope.command, envelope.at, index)
         session = self.image.sessions.get(envelope.client)
         if session is not None and envelope.seq <= session.seq:
             if envelope.seq == session.seq:
-                return msgspec.structs.replace(session.result, duplicate=True)
-            return Result(ok=False, error="stale_sequence", index=index)
+                return envelope, msgspec.structs.replace(session.result, duplicate=True)
+            return envelope, Result(ok=False, error="stale_sequence", index=index)
         result = self._execute(envelope.command, envelope.at, index)
         self.image.sessions[envelope.client] = Session(envelope.seq, result, envelope.at)
         self._expire_sessions(envelope.at)
-        return result
+        return envelope, result
 
     def mark_applied(self, index: int) -> None:
         """A no-op entry (a new leader's) takes an index without changing state."""

@@ -83,7 +83,7 @@ def spec_problem(spec: TaskSpec) -> str:
     return ""
 
 
-class JUnitCase(msgspec.Struct, frozen=True, array_like=True):
+class JUnitCase(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     name: str
     classname: str
     status: str

@@ -37,10 +37,10 @@ def test_example_config_shows_every_option_with_its_default():
     """The example must document every option; its values must be the defaults."""
     loaded = config.load(EXAMPLE, "node1").config
     defaults = config.Config()
-    for section in ("raft", "storage", "api", "tls", "log"):
+    for section in ("raft", "storage", "api", "workload", "tls", "log"):
         assert getattr(loaded, section) == getattr(defaults, section), section
     text = EXAMPLE.read_text()
-    for section in ("raft", "storage", "api", "tls", "log"):
+    for section in ("raft", "storage", "api", "workload", "tls", "log"):
         for key in config.msgspec.structs.asdict(getattr(defaults, section)):
             assert f"\n{key} = " in text, f"{section}.{key} missing from the example"
 

@@ -85,3 +85,11 @@ def test_out_of_order_apply_is_a_bug_and_raises():
     machine = StateMachine()
     with pytest.raises(ValueError):
         machine.apply(2, b"")
+
+
+def test_commands_without_a_client_are_applied_every_time_and_keep_no_session():
+    machine = StateMachine()
+    machine.apply(1, encode_envelope(Envelope("", 0, 0.0, Put("k", "a"))))
+    machine.apply(2, encode_envelope(Envelope("", 0, 0.0, Put("k", "b"))))
+    assert machine.get("k") == "b"
+    assert machine.image.sessions == {}

@@ -1,0 +1,165 @@
+"""Leader-only scheduling: matches queued tasks to workers and watches workers and leases.
+
+It keeps nothing a new leader could not rebuild. What it decides (an assignment, a lost
+worker, an expired lease) it proposes as a command, and the state machine re-checks it
+when applied, so a decision made on a stale view is refused there, not acted on. The
+only memory of its own is when each worker was last heard from; a new leader starts
+everyone with a fresh grace period.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections import Counter
+from dataclasses import dataclass
+
+import trio
+
+from dtfd.journal import fields
+from dtfd.server.node import Node, NotLeaderError, Unavailable
+from dtfd.state import tasks as t
+from dtfd.state.machine import Envelope, Result
+
+log = logging.getLogger("dtf.scheduler")
+
+
+@dataclass(frozen=True)
+class Policy:
+    heartbeat_s: float = 2.0
+    lost_after_s: float = 10.0
+    lease_grace_s: float = 60.0  # past timeout_s + this without a result, the attempt is timed out
+    sweep_s: float = 0.25
+    max_wait_s: float = 20.0
+    max_queued: int = 100_000
+
+
+class Scheduler:
+    def __init__(self, node: Node, policy: Policy = Policy()) -> None:
+        self.node = node
+        self.policy = policy
+        self._last_seen: dict[str, float] = {}
+        self._work = trio.Event()
+        self._term = -1
+
+    @property
+    def workload(self) -> t.Workload:
+        return self.node.machine.image.workload
+
+    def _leading(self) -> None:
+        if not self.node.is_leader:
+            raise NotLeaderError(self.node.core.leader)
+        if self._term != self.node.core.term:  # newly elected: every worker gets a fresh grace period
+            self._term = self.node.core.term
+            self._last_seen.clear()
+
+    async def propose(self, command: t.WorkloadCommand) -> Result:
+        return await self.node.propose(Envelope("", 0, time.time(), command))
+
+    def wake(self) -> None:
+        """New work may be leasable (a submit, a requeue, a worker freed a slot)."""
+        self._work.set()
+        self._work = trio.Event()
+
+    # ---- worker requests ------------------------------------------------------------
+
+    def heartbeat(self, worker: str, running: list[str]) -> dict[str, list[str]]:
+        self._leading()
+        self._last_seen[worker] = time.monotonic()
+        held = {
+            task.lease.id: task
+            for task in self.workload.tasks.values()
+            if task.state in t.ACTIVE and task.lease is not None and task.lease.worker == worker
+        }
+        return {
+            "cancel": [lease for lease in running if lease in held and held[lease].cancel_requested],
+            "unknown": [lease for lease in running if lease not in held],
+        }
+
+    def seen(self, worker: str) -> None:
+        self._leading()
+        self._last_seen[worker] = time.monotonic()
+
+    async def lease(self, worker: str, most: int, wait_s: float) -> list[dict]:
+        """Long-poll: leases for up to `most` tasks, waiting up to `wait_s` for any to appear."""
+        self._leading()
+        self._last_seen[worker] = time.monotonic()
+        deadline = trio.current_time() + min(max(wait_s, 0.0), self.policy.max_wait_s)
+        while True:
+            picks = self._pick(worker, most)
+            if picks:
+                now = time.time()
+                assignments = [
+                    t.Assignment(task.id, uuid.uuid4().hex, now + task.spec.timeout_s + self.policy.lease_grace_s) for task in picks
+                ]
+                result = await self.propose(t.AssignTasks(worker, assignments))
+                if result.ok and result.value:
+                    specs = {task.id: task.spec for task in picks}
+                    return [dict(grant, spec=specs[grant["task_id"]]) for grant in result.value]
+                if not result.ok:
+                    return []
+            work = self._work
+            with trio.move_on_at(deadline):
+                await work.wait()
+            if trio.current_time() >= deadline:
+                return []
+            self._leading()
+
+    def _pick(self, worker_id: str, most: int) -> list[t.Task]:
+        """Highest priority first; within it, the run with the fewest active tasks; then FIFO."""
+        worker = self.workload.workers.get(worker_id)
+        now = time.time()
+        if worker is None or worker.state != "active" or not t.breaker_admits(worker.breaker, now):
+            return []
+        tasks = self.workload.tasks.values()
+        busy = sum(1 for task in tasks if task.state in t.ACTIVE and task.lease and task.lease.worker == worker_id)
+        room = min(most, worker.slots - busy, 1 if worker.breaker.state != "closed" else most)
+        if room <= 0:
+            return []
+        active_per_run = Counter(task.spec.run_id for task in tasks if task.state in t.ACTIVE)
+        candidates = [
+            task
+            for task in tasks
+            if task.state == t.QUEUED and task.not_before <= now and not task.cancel_requested and t.fits(task.spec.requirements, worker)
+        ]
+        picked: list[t.Task] = []
+        while candidates and len(picked) < room:
+            best = min(candidates, key=lambda task: (-task.spec.priority, active_per_run[task.spec.run_id], task.order))
+            candidates.remove(best)
+            active_per_run[best.spec.run_id] += 1
+            picked.append(best)
+        return picked
+
+    # ---- the sweep ------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """While leading: declare silent workers lost, time out expired leases, wake pollers for retries."""
+        while True:
+            await trio.sleep(self.policy.sweep_s)
+            if not self.node.is_leader:
+                continue
+            try:
+                self._leading()
+                await self._sweep()
+            except (NotLeaderError, Unavailable) as exc:
+                log.info("scheduler sweep interrupted %s", fields(node=self.node.id, reason=exc))
+
+    async def _sweep(self) -> None:
+        monotonic, now = time.monotonic(), time.time()
+        for worker in list(self.workload.workers.values()):
+            if worker.state not in ("active", "draining"):
+                continue
+            last = self._last_seen.setdefault(worker.id, monotonic)
+            if monotonic - last > self.policy.lost_after_s:
+                result = await self.propose(t.RemoveWorker(worker.id, lost=True))
+                log.warning("worker lost %s", fields(worker=worker.id, silent_s=round(monotonic - last, 1), requeued=len((result.value or {}).get("requeued", []))))
+                self.wake()
+        for task in list(self.workload.tasks.values()):
+            lease = task.lease
+            if task.state in t.ACTIVE and lease is not None and lease.expires_at < now:
+                await self.propose(t.ExpireLease(task.id, lease.id))
+                log.warning("lease expired %s", fields(task=task.id, lease=lease.id, worker=lease.worker))
+                self.wake()
+        if any(task.state == t.QUEUED and task.not_before <= now for task in self.workload.tasks.values()):
+            self.wake()

@@ -1,0 +1,113 @@
+"""Copies task transitions, results and JUnit cases into the node's DuckDB history.
+
+Derived data: rows are taken from the state right after each command is applied and
+written in batches off the event loop; INSERT OR IGNORE keyed by the Raft index makes a
+replay after restart harmless. Nothing reads these tables to make a decision.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+from pathlib import Path
+
+import duckdb
+import trio
+
+from dtfd.journal import fields
+from dtfd.state import tasks as t
+from dtfd.state.machine import Result
+from dtfd.storage.history import open_history
+
+log = logging.getLogger("dtf.history")
+
+
+def _when(epoch: float) -> datetime.datetime:
+    return datetime.datetime.fromtimestamp(epoch, datetime.UTC).replace(tzinfo=None)
+
+
+def _touched(command: object, result: Result) -> list[str]:
+    """Ids of the tasks a command changed, from the command and its result."""
+    if isinstance(command, t.SubmitTasks | t.AssignTasks) and isinstance(result.value, list):
+        return [item.get("id") or item.get("task_id") for item in result.value if not item.get("duplicate")]
+    if isinstance(command, t.StartTask | t.CancelTask | t.ExpireLease):
+        return [command.task_id]
+    if isinstance(command, t.FinishTasks):
+        return [report.task_id for report in command.reports]
+    if isinstance(command, t.RemoveWorker) and isinstance(result.value, dict):
+        return list(result.value.get("requeued", []))
+    return []
+
+
+class Recorder:
+    def __init__(self, data_dir: Path) -> None:
+        self.data_dir = data_dir
+        self._recorded: dict[str, int] = {}  # task id -> history rows already queued
+        self._results: set[tuple[str, str]] = set()
+        self._history: list[tuple] = []
+        self._result_rows: list[tuple] = []
+        self._junit: list[tuple] = []
+        self._connection: duckdb.DuckDBPyConnection | None = None
+
+    def observe(self, index: int, command: object, result: Result, workload: t.Workload) -> None:
+        for task_id in _touched(command, result):
+            task = workload.tasks.get(task_id)
+            if task is None:
+                continue
+            # A task first seen since this process started: earlier rows were recorded before.
+            start = self._recorded.get(task_id, len(task.history) - 1)
+            for transition in task.history[start:]:
+                self._history.append(
+                    (task_id, transition.attempt, transition.worker, transition.from_state, transition.to_state,
+                     transition.reason, _when(transition.at), index)
+                )
+            self._recorded[task_id] = len(task.history)
+            if isinstance(command, t.FinishTasks):
+                self._observe_results(index, command, task)
+
+    def _observe_results(self, index: int, command: t.FinishTasks, task: t.Task) -> None:
+        for report in command.reports:
+            key = (report.task_id, report.lease_id)
+            if report.task_id != task.id or key in self._results or report.lease_id not in task.reported:
+                continue
+            self._results.add(key)
+            attempt = next((h.attempt for h in reversed(task.history) if h.from_state in t.ACTIVE), task.attempt)
+            o = report.outcome
+            self._result_rows.append(
+                (task.id, attempt, report.lease_id, o.exit_code, o.duration_s, o.peak_rss_bytes, o.cpu_s, o.output_tail,
+                 _when(task.updated_at), index)
+            )
+            self._junit.extend((task.id, attempt, c.name, c.classname, c.status, c.duration_s, c.message) for c in o.junit)
+
+    async def run(self, interval_s: float = 0.5) -> None:
+        try:
+            while True:
+                await trio.sleep(interval_s)
+                if self._history or self._result_rows or self._junit:
+                    batch = (self._history, self._result_rows, self._junit)
+                    self._history, self._result_rows, self._junit = [], [], []
+                    await trio.to_thread.run_sync(self._write, *batch)
+        finally:
+            if self._connection is not None:
+                self._connection.close()
+
+    def _write(self, history: list[tuple], results: list[tuple], junit: list[tuple]) -> None:
+        try:
+            if self._connection is None:
+                self._connection = open_history(str(self.data_dir))
+            conn = self._connection
+            conn.execute("BEGIN")
+            if history:
+                conn.executemany("INSERT OR IGNORE INTO task_history VALUES (?, ?, ?, ?, ?, ?, ?, ?)", history)
+            if results:
+                conn.executemany("INSERT OR IGNORE INTO task_results VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", results)
+            if junit:
+                attempts = sorted({(row[0], row[1]) for row in junit})
+                conn.executemany("DELETE FROM junit_cases WHERE task_id = ? AND attempt = ?", attempts)  # replay-safe
+                conn.executemany("INSERT INTO junit_cases VALUES (?, ?, ?, ?, ?, ?, ?)", junit)
+            conn.execute("COMMIT")
+        except duckdb.Error as exc:
+            log.error("history write failed; rows dropped (derived data) %s", fields(error=exc, rows=len(history) + len(results)))
+            if self._connection is not None:
+                self._connection.close()
+                self._connection = None

@@ -1,0 +1,296 @@
+"""HTTP routes of the workload: submit and follow tasks, and the worker protocol.
+
+The contract is docs/workload-api.md. Submissions are validated whole (422 naming the
+task and field) and shed (429 + Retry-After) before anything is proposed, so nothing
+half-submitted remains. Worker routes run on the leader; followers forward them.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import msgspec
+
+from dtfd.scheduler.scheduler import Scheduler
+from dtfd.scheduler.shedding import RateLimiter
+from dtfd.server import auth
+from dtfd.server.api import Api, BadRequest, ClientFields, Route, decode_body
+from dtfd.server.http import Request, Response, error_response, json_response
+from dtfd.server.node import NotLeaderError
+from dtfd.state import tasks as t
+from dtfd.state.machine import Envelope, Result
+
+MAX_PAGE = 500
+
+
+class SubmitBody(ClientFields):
+    tasks: list[t.TaskSpec]
+    run_id: str = ""
+
+
+class RegisterBody(msgspec.Struct, forbid_unknown_fields=True):
+    id: str
+    labels: dict[str, str] = {}
+    cpus: float = 1.0
+    memory_mb: int = 1024
+    slots: int = 1
+
+
+class HeartbeatBody(msgspec.Struct, forbid_unknown_fields=True):
+    leases: list[str] = []
+
+
+class LeaseBody(msgspec.Struct, forbid_unknown_fields=True):
+    max: int = 1
+    wait_s: float = 10.0
+
+
+class StartBody(msgspec.Struct, forbid_unknown_fields=True):
+    task_id: str
+
+
+class ResultBody(t.Outcome, kw_only=True):
+    task_id: str
+    lease_id: str
+
+
+class ResultsBody(msgspec.Struct, forbid_unknown_fields=True):
+    results: list[ResultBody]
+
+
+class DrainBody(msgspec.Struct, forbid_unknown_fields=True):
+    draining: bool = True
+
+
+WORKER_OR_ADMIN = frozenset({"admin", "worker"})
+
+
+class WorkloadApi:
+    def __init__(self, api: Api, scheduler: Scheduler, limiter: RateLimiter | None = None) -> None:
+        self.api, self.node, self.scheduler = api, api.node, scheduler
+        self.limiter = limiter or RateLimiter(rate_per_s=200.0, burst=2000.0)
+        tid, wid = r"(?P<task_id>[^/]+)", r"(?P<worker>[^/]+)"
+        api.add_routes(
+            [
+                ("POST", "/v1/tasks", auth.ADMIN, self.submit, "/v1/tasks"),
+                ("GET", "/v1/tasks", auth.READ, self.list_tasks, "/v1/tasks"),
+                ("GET", f"/v1/tasks/{tid}", auth.READ, self.get_task, "/v1/tasks/{id}"),
+                ("POST", f"/v1/tasks/{tid}/cancel", auth.ADMIN, self.cancel, "/v1/tasks/{id}/cancel"),
+                ("GET", r"/v1/runs/(?P<run_id>[^/]+)", auth.READ, self.run_summary, "/v1/runs/{id}"),
+                ("GET", "/v1/workers", auth.READ, self.list_workers, "/v1/workers"),
+                ("POST", "/v1/workers/register", WORKER_OR_ADMIN, self.register, "/v1/workers/register"),
+                ("POST", f"/v1/workers/{wid}/heartbeat", WORKER_OR_ADMIN, self.heartbeat, "/v1/workers/{id}/heartbeat"),
+                ("POST", f"/v1/workers/{wid}/lease", WORKER_OR_ADMIN, self.lease, "/v1/workers/{id}/lease"),
+                ("POST", f"/v1/workers/{wid}/drain", WORKER_OR_ADMIN, self.drain, "/v1/workers/{id}/drain"),
+                ("DELETE", f"/v1/workers/{wid}", WORKER_OR_ADMIN, self.deregister, "/v1/workers/{id}"),
+                ("POST", r"/v1/leases/(?P<lease_id>[^/]+)/start", WORKER_OR_ADMIN, self.start, "/v1/leases/{id}/start"),
+                ("POST", "/v1/results", WORKER_OR_ADMIN, self.results, "/v1/results"),
+            ]
+        )
+
+    @property
+    def workload(self) -> t.Workload:
+        return self.node.machine.image.workload
+
+    async def _apply(self, request: Request, command: t.WorkloadCommand, client: str = "", seq: int = 0) -> Result:
+        result = await self.node.propose(Envelope(client, seq, time.time(), command))
+        if result.ok:
+            self.scheduler.wake()
+        return result
+
+    # ---- tasks ----------------------------------------------------------------------
+
+    async def submit(self, request: Request) -> Response:
+        body = decode_body(request.body, SubmitBody)
+        if not body.tasks:
+            raise BadRequest(422, "invalid", "tasks: at least one task")
+        for n, spec in enumerate(body.tasks):
+            problem = t.spec_problem(spec)
+            if problem:
+                raise BadRequest(422, "invalid", f"tasks[{n}].{problem}")
+        if not self.node.is_leader:
+            raise NotLeaderError(self.node.core.leader)  # shedding is decided where the queue is
+        wait = self.limiter.retry_after(request.principal, cost=len(body.tasks))
+        if wait:
+            return _shed(f"client {request.principal!r} is over its submission rate", wait)
+        queued = sum(1 for task in self.workload.tasks.values() if task.state == t.QUEUED)
+        limit = self.scheduler.policy.max_queued
+        if queued + len(body.tasks) > limit:
+            return _shed(f"queue is full ({queued} tasks queued, limit {limit})", 5.0)
+        result = await self._apply(request, t.SubmitTasks(body.tasks, body.run_id), body.client, body.seq)
+        if not result.ok:
+            raise BadRequest(422, "invalid", f"tasks[{result.value['task']}].{result.value['problem']}")
+        return json_response(201, {"tasks": result.value, "duplicate": result.duplicate})
+
+    async def list_tasks(self, request: Request) -> Response:
+        await self._read(request)
+        q = request.query
+        limit = _int(q.get("limit", "100"), "limit", 1, MAX_PAGE)
+        after = _int(q.get("after", "-1"), "after", -1, math.inf)
+        matching = sorted(
+            (
+                task
+                for task in self.workload.tasks.values()
+                if task.order > after
+                and (not q.get("run") or task.spec.run_id == q["run"])
+                and (not q.get("state") or task.state == q["state"])
+                and (not q.get("worker") or (task.lease and task.lease.worker == q["worker"]) or q["worker"] in task.failed_on)
+            ),
+            key=lambda task: task.order,
+        )
+        page = matching[:limit]
+        next_cursor = str(page[-1].order) if len(matching) > limit else ""
+        return json_response(200, {"tasks": [_task_view(task, brief=True) for task in page], "next": next_cursor})
+
+    async def get_task(self, request: Request, task_id: str) -> Response:
+        await self._read(request)
+        task = self.workload.tasks.get(task_id)
+        if task is None:
+            return error_response(404, "not_found", f"no task {task_id!r}")
+        return json_response(200, _task_view(task, brief=False))
+
+    async def cancel(self, request: Request, task_id: str) -> Response:
+        result = await self._apply(request, t.CancelTask(task_id))
+        if not result.ok:
+            status = 404 if result.error == "unknown_task" else 409
+            return error_response(status, result.error, f"task {task_id} cannot be cancelled: {result.error}")
+        return json_response(200, result.value)
+
+    async def run_summary(self, request: Request, run_id: str) -> Response:
+        await self._read(request)
+        members = [task for task in self.workload.tasks.values() if task.spec.run_id == run_id]
+        if not members:
+            return error_response(404, "not_found", f"no run {run_id!r}")
+        by_state: dict[str, int] = {}
+        for task in members:
+            by_state[task.state] = by_state.get(task.state, 0) + 1
+        failures = [
+            {"id": task.id, "name": task.spec.name, "state": task.state, "reason": task.history[-1].reason}
+            for task in sorted(members, key=lambda task: task.order)
+            if task.state in (t.FAILED, t.TIMED_OUT, t.LOST)
+        ]
+        cases = [(case, task.id) for task in members if task.result for case in task.result.junit]
+        slowest = sorted(cases, key=lambda pair: -pair[0].duration_s)[:10]
+        return json_response(
+            200,
+            {
+                "run_id": run_id,
+                "total": len(members),
+                "states": by_state,
+                "done": all(task.state in t.TERMINAL for task in members),
+                "failures": failures,
+                "junit": {
+                    "cases": len(cases),
+                    "failed": sum(1 for case, _ in cases if case.status in ("failed", "error")),
+                    "slowest": [{"task": tid, "name": c.name, "classname": c.classname, "duration_s": c.duration_s} for c, tid in slowest],
+                },
+            },
+        )
+
+    # ---- workers ---------------------------------------------------------------------
+
+    async def list_workers(self, request: Request) -> Response:
+        await self._read(request)
+        return json_response(200, {"workers": [msgspec.to_builtins(w) for w in self.workload.workers.values()]})
+
+    async def register(self, request: Request) -> Response:
+        body = decode_body(request.body, RegisterBody)
+        if not body.id or len(body.id) > 128 or not 1 <= body.slots <= 1024:
+            raise BadRequest(422, "invalid", "id: 1 to 128 characters; slots: 1 to 1024")
+        self.scheduler.seen(body.id)
+        await self._apply(request, t.RegisterWorker(body.id, body.labels, body.cpus, body.memory_mb, body.slots))
+        policy = self.scheduler.policy
+        return json_response(200, {"heartbeat_s": policy.heartbeat_s, "lost_after_s": policy.lost_after_s})
+
+    async def heartbeat(self, request: Request, worker: str) -> Response:
+        body = decode_body(request.body or b"{}", HeartbeatBody)
+        if worker not in self.workload.workers:
+            return error_response(404, "unknown_worker", f"worker {worker!r} is not registered; register again")
+        return json_response(200, self.scheduler.heartbeat(worker, body.leases))
+
+    async def lease(self, request: Request, worker: str) -> Response:
+        body = decode_body(request.body or b"{}", LeaseBody)
+        if not 1 <= body.max <= 1024:
+            raise BadRequest(422, "invalid", "max: must be in [1, 1024]")
+        if worker not in self.workload.workers:
+            return error_response(404, "unknown_worker", f"worker {worker!r} is not registered; register again")
+        leases = await self.scheduler.lease(worker, body.max, body.wait_s)
+        return json_response(200, {"leases": [msgspec.to_builtins(lease) for lease in leases]})
+
+    async def drain(self, request: Request, worker: str) -> Response:
+        body = decode_body(request.body or b"{}", DrainBody)
+        result = await self._apply(request, t.SetDraining(worker, body.draining))
+        if not result.ok:
+            return error_response(404, result.error, f"worker {worker!r} is not registered")
+        return json_response(200, result.value)
+
+    async def deregister(self, request: Request, worker: str) -> Response:
+        result = await self._apply(request, t.RemoveWorker(worker, lost=False))
+        if not result.ok:
+            return error_response(404, result.error, f"worker {worker!r} is not registered")
+        return json_response(200, result.value)
+
+    async def start(self, request: Request, lease_id: str) -> Response:
+        body = decode_body(request.body, StartBody)
+        result = await self._apply(request, t.StartTask(body.task_id, lease_id))
+        if not result.ok:
+            return error_response(409, result.error, f"lease {lease_id} no longer holds task {body.task_id}")
+        return json_response(200, result.value)
+
+    async def results(self, request: Request) -> Response:
+        body = decode_body(request.body, ResultsBody)
+        for n, item in enumerate(body.results):
+            if item.status not in t.OUTCOMES:
+                raise BadRequest(422, "invalid", f"results[{n}].status: one of {', '.join(sorted(t.OUTCOMES))}")
+        reports = [
+            t.Report(r.task_id, r.lease_id, t.Outcome(**{f: getattr(r, f) for f in t.Outcome.__struct_fields__}))
+            for r in body.results
+        ]
+        result = await self._apply(request, t.FinishTasks(reports))
+        return json_response(200, {"results": result.value})
+
+    async def _read(self, request: Request) -> None:
+        if request.query.get("stale") != "ok":
+            await self.node.read_barrier()
+
+
+def _shed(message: str, retry_after: float) -> Response:
+    return error_response(429, "overloaded", message, [("Retry-After", str(max(1, math.ceil(retry_after))))])
+
+
+def _int(text: str, name: str, low: float, high: float) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise BadRequest(422, "invalid", f"{name}: not an integer") from None
+    if not low <= value <= high:
+        raise BadRequest(422, "invalid", f"{name}: out of range")
+    return value
+
+
+def _task_view(task: t.Task, brief: bool) -> dict:
+    view = {
+        "id": task.id,
+        "name": task.spec.name,
+        "run_id": task.spec.run_id,
+        "state": task.state,
+        "attempt": task.attempt,
+        "worker": task.lease.worker if task.lease else (task.history[-1].worker if task.history else ""),
+        "priority": task.spec.priority,
+        "submitted_at": task.submitted_at,
+        "updated_at": task.updated_at,
+        "order": task.order,
+    }
+    if task.result is not None:
+        view["exit_code"] = task.result.exit_code
+        view["duration_s"] = task.result.duration_s
+    if not brief:
+        view["spec"] = msgspec.to_builtins(task.spec)
+        view["cancel_requested"] = task.cancel_requested
+        view["not_before"] = task.not_before
+        view["lease"] = msgspec.to_builtins(task.lease)
+        view["result"] = msgspec.to_builtins(task.result)
+        view["history"] = [msgspec.to_builtins(msgspec.structs.asdict(h)) for h in task.history]
+    return view
+
