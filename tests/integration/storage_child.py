@@ -46,7 +46,8 @@ def run(data_dir: str, seed: int) -> None:
     if state.snapshot:
         terms[snap_index] = state.snapshot.meta.term
     last = max(terms, default=0)
-    term, commit = max(state.hard_state.term, 1), state.hard_state.commit
+    # The stored commit may lag (it is written lazily); a snapshot only holds committed entries.
+    term, commit = max(state.hard_state.term, 1), max(state.hard_state.commit, snap_index)
     say("ready", last, term)
     try:
         while True:

@@ -8,7 +8,7 @@ import pytest
 
 from dtfd.raft.messages import Entry, HardState
 from dtfd.storage import hardstate
-from dtfd.storage.datadir import DiskStorage, inspect
+from dtfd.storage.datadir import COMMIT_WRITE_INTERVAL_S, DiskStorage, inspect
 from dtfd.storage.interface import StorageCorrupt
 
 
@@ -61,14 +61,38 @@ def test_missing_hard_state_beside_a_log_is_corruption(tmp_path):
 
 
 def test_hard_state_is_written_at_sync_after_the_log(tmp_path):
-    storage = DiskStorage(str(tmp_path))
+    """Term and vote are durable at sync(); a commit-only change waits for the interval or close()."""
+    now = [0.0]
+    storage = DiskStorage(str(tmp_path), clock=lambda: now[0])
     storage.set_hard_state(HardState(1, "a", 0))
     storage.append([Entry(1, 1), Entry(1, 2)])
     storage.set_hard_state(HardState(1, "a", 2))
     assert hardstate.read(str(tmp_path)).commit == 0
     storage.sync()
+    assert hardstate.read(str(tmp_path)) == HardState(1, "a", 0)  # commit alone is volatile state: not yet
+    now[0] += COMMIT_WRITE_INTERVAL_S
+    storage.sync()
     assert hardstate.read(str(tmp_path)) == HardState(1, "a", 2)
+    storage.set_hard_state(HardState(1, "a", 3))
+    storage.append([Entry(1, 3)])
+    storage.sync()
+    storage.set_hard_state(HardState(2, "b", 3))
+    storage.sync()
+    assert hardstate.read(str(tmp_path)) == HardState(2, "b", 3)  # a vote is written at once, with the commit
+    storage.set_hard_state(HardState(2, "b", 3))
     storage.close()
+    assert hardstate.read(str(tmp_path)) == HardState(2, "b", 3)
+
+
+def test_close_writes_a_pending_commit(tmp_path):
+    storage = DiskStorage(str(tmp_path), clock=lambda: 0.0)
+    storage.set_hard_state(HardState(1, "a", 0))
+    storage.append([Entry(1, 1)])
+    storage.sync()
+    storage.set_hard_state(HardState(1, "a", 1))
+    storage.sync()
+    storage.close()
+    assert hardstate.read(str(tmp_path)) == HardState(1, "a", 1)
 
 
 def test_a_new_term_is_stored_before_entries_of_that_term(tmp_path):
