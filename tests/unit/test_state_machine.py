@@ -93,3 +93,18 @@ def test_commands_without_a_client_are_applied_every_time_and_keep_no_session():
     machine.apply(2, encode_envelope(Envelope("", 0, 0.0, Put("k", "b"))))
     assert machine.get("k") == "b"
     assert machine.image.sessions == {}
+
+
+def test_sessions_expire_after_their_ttl_and_stay_bounded(monkeypatch):
+    from dtfd.state import machine as m
+
+    monkeypatch.setattr(m, "MAX_SESSIONS", 10)
+    monkeypatch.setattr(m, "SESSION_SWEEP_EVERY", 4)
+    machine = StateMachine()
+    for n in range(1, 13):
+        machine.apply(n, encode_envelope(Envelope(f"c{n}", 1, float(n), Put("k", "v"))))
+    assert len(machine.image.sessions) <= 10 and "c12" in machine.image.sessions and "c1" not in machine.image.sessions
+    late = m.SESSION_TTL_S + 100.0
+    for n in range(13, 17):
+        machine.apply(n, encode_envelope(Envelope("fresh", n, late, Put("k", "v"))))
+    assert set(machine.image.sessions) == {"fresh"}
