@@ -23,7 +23,7 @@ from dtfd.server import auth
 from dtfd.server.http import Request, Response, error_response, json_response
 from dtfd.server.metrics import CONTENT_TYPE, Metrics
 from dtfd.server.node import Node, NotLeaderError, Unavailable
-from dtfd.state.machine import Command, CompareAndSet, Delete, Envelope, Put, SetConfig
+from dtfd.state.machine import Batch, Command, CompareAndSet, Delete, Envelope, Put, SetConfig
 
 FORWARDED = "x-dtf-forwarded"
 FORWARD_TIMEOUT_S = 30.0  # above the longest long-poll a worker may ask for
@@ -42,6 +42,20 @@ class PutBody(ClientFields):
 class CasBody(ClientFields):
     expected: str | None
     value: str
+
+
+class BatchOp(msgspec.Struct, forbid_unknown_fields=True):
+    op: str  # put | delete | cas
+    key: str
+    value: str = ""
+    expected: str | None = None
+
+
+class BatchBody(ClientFields):
+    ops: list[BatchOp]
+
+
+MAX_BATCH = 10_000
 
 
 class TransferBody(msgspec.Struct, forbid_unknown_fields=True):
@@ -92,6 +106,7 @@ class Api:
             Route("PUT", r(f"/v1/kv/{key}"), auth.ADMIN, self.kv_put, "/v1/kv/{key}"),
             Route("DELETE", r(f"/v1/kv/{key}"), auth.ADMIN, self.kv_delete, "/v1/kv/{key}"),
             Route("POST", r(f"/v1/kv/{key}/cas"), auth.ADMIN, self.kv_cas, "/v1/kv/{key}/cas"),
+            Route("POST", r("/v1/kv"), auth.ADMIN, self.kv_batch, "/v1/kv"),
             Route("PUT", r(f"/v1/config/{key}"), auth.ADMIN, self.config_put, "/v1/config/{key}"),
             Route("POST", r("/v1/leadership/transfer"), auth.ADMIN, self.transfer, "/v1/leadership/transfer"),
         ]
@@ -210,6 +225,24 @@ class Api:
     async def kv_cas(self, request: Request, key: str) -> Response:
         body = decode_body(request.body, CasBody)
         return await self._write(request, CompareAndSet(_key(key), body.expected, body.value), body)
+
+    async def kv_batch(self, request: Request) -> Response:
+        """Up to MAX_BATCH operations as one replicated entry: one fsync, one round of replication."""
+        body = decode_body(request.body, BatchBody)
+        if not 1 <= len(body.ops) <= MAX_BATCH:
+            raise BadRequest(422, "invalid", f"ops: 1 to {MAX_BATCH} operations")
+        commands: list[Command] = []
+        for n, op in enumerate(body.ops):
+            key = _key(op.key)
+            if op.op == "put":
+                commands.append(Put(key, op.value))
+            elif op.op == "delete":
+                commands.append(Delete(key))
+            elif op.op == "cas":
+                commands.append(CompareAndSet(key, op.expected, op.value))
+            else:
+                raise BadRequest(422, "invalid", f"ops[{n}].op: one of put, delete, cas")
+        return await self._write(request, Batch(commands), body)
 
     async def config_put(self, request: Request, key: str) -> Response:
         body = decode_body(request.body, PutBody)

@@ -42,7 +42,15 @@ class SetConfig(msgspec.Struct, tag="config", frozen=True):
 
 
 KvCommand = Put | Delete | CompareAndSet | SetConfig
-Command = KvCommand | WorkloadCommand
+
+
+class Batch(msgspec.Struct, tag="batch", frozen=True):
+    """Many key/value commands in one log entry, applied in order; one result each."""
+
+    commands: list[KvCommand]
+
+
+Command = KvCommand | Batch | WorkloadCommand
 
 
 class Envelope(msgspec.Struct, frozen=True, array_like=True):
@@ -131,6 +139,9 @@ class StateMachine:
         self.image.applied = index
 
     def _execute(self, command: Command, at: float, index: int) -> Result:
+        if isinstance(command, Batch):
+            results = [self._execute(c, at, index) for c in command.commands]
+            return Result(ok=True, value=[msgspec.to_builtins(r) for r in results], index=index)
         if not isinstance(command, KvCommand):
             ok, value, error = self.image.workload.apply(command, at, index)
             return Result(ok=ok, value=value, error=error, index=index)

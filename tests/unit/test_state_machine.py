@@ -108,3 +108,14 @@ def test_sessions_expire_after_their_ttl_and_stay_bounded(monkeypatch):
     for n in range(13, 17):
         machine.apply(n, encode_envelope(Envelope("fresh", n, late, Put("k", "v"))))
     assert set(machine.image.sessions) == {"fresh"}
+
+
+def test_a_batch_applies_its_commands_in_order_with_one_result_each():
+    from dtfd.state.machine import Batch
+
+    machine = StateMachine()
+    result = machine.apply(1, encode_envelope(Envelope("c", 1, 0.0, Batch([Put("a", "1"), CompareAndSet("a", "1", "2"), CompareAndSet("a", "1", "3"), Delete("b")]))))
+    assert result.ok and [r["ok"] for r in result.value] == [True, True, False, True]
+    assert machine.get("a") == "2"
+    assert machine.apply(2, encode_envelope(Envelope("c", 1, 0.0, Batch([Put("a", "9")])))).duplicate
+    assert machine.get("a") == "2"
