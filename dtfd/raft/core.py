@@ -266,11 +266,17 @@ class Raft:
         return False
 
     def _in_lease(self) -> bool:
-        """A follower that heard from a live leader recently refuses to help depose it."""
+        """A follower that heard from a live leader recently refuses to help depose it.
+
+        A live leader is heard every heartbeat, so a lease one heartbeat shorter than the
+        election timeout still stops a disruptive rejoining node, while a candidate whose
+        timeout fell near election_min is not refused by a peer whose timer runs a tick
+        behind (which cost a whole second election round).
+        """
         return (
             self.config.check_quorum
             and bool(self.leader)
-            and self._election_elapsed < self.config.election_min
+            and self._election_elapsed < self.config.election_min - self.config.heartbeat
         )
 
     def _handle_vote_request(self, m: Message) -> None:
@@ -287,8 +293,19 @@ class Raft:
             if not pre:
                 self._election_elapsed = 0
                 self.vote = m.src
-        else:
-            self._send(response, m.src, reject=True)
+            return
+        self._send(response, m.src, reject=True)
+        if (
+            pre
+            and not up_to_date
+            and self.role is Role.FOLLOWER
+            and self._promotable()
+            and self._election_elapsed >= self.config.election_min
+        ):
+            # Someone timed out on the leader and we, too, have not heard from it for a whole
+            # election timeout, but we hold more of the log: stand now rather than after our
+            # own randomized timeout, which costs a second election round.
+            self._campaign(pre=True, transfer=False)
 
     def _step_follower(self, m: Message) -> None:
         if m.type in LEADER_MESSAGES:

@@ -2,7 +2,7 @@
 
 import pytest
 
-from dtfd.raft import Message, Role
+from dtfd.raft import Message, Raft, Role
 
 from tests.unit.raft_net import MT, Net, drain, first_campaign_tick, make_config, make_raft, sent, stored_log
 
@@ -127,3 +127,47 @@ def test_set_timing_changes_the_election_timeout_range_at_the_next_reset():
     assert ticks == 40
     with pytest.raises(ValueError, match="timing"):
         node.set_timing(heartbeat=5, election_min=5, election_max=6)
+
+
+def _follower_of(leader: str, persisted=None, elapsed: int = 0, election_max: int = 11) -> Raft:
+    """n2, following `leader` in term 1, that last heard from it `elapsed` ticks ago."""
+    node = make_raft("n2", persisted=persisted, election_min=10, election_max=election_max, heartbeat=2)
+    node.step(Message(type=MT.HEARTBEAT, src=leader, dst="n2", term=1))
+    drain(node)
+    for _ in range(elapsed):
+        node.tick()
+    return node
+
+
+def _pre_vote(src: str, last_index: int, last_term: int) -> Message:
+    return Message(type=MT.PRE_VOTE, src=src, dst="n2", term=2, index=last_index, log_term=last_term)
+
+
+def test_lease_leaves_one_heartbeat_of_slack_for_timer_skew():
+    """A candidate that timed out at election_min is answered by a peer whose timer runs a little behind."""
+    in_lease = _follower_of("n1", elapsed=7)  # election_min - heartbeat - 1
+    in_lease.step(_pre_vote("n3", 0, 0))
+    assert sent(drain(in_lease)) == [] and in_lease.status().dropped == {"vote_in_lease": 1}
+    skewed = _follower_of("n1", elapsed=8)  # election_min - heartbeat: a tick or two behind the candidate
+    skewed.step(_pre_vote("n3", 0, 0))
+    (reply,) = sent(drain(skewed))
+    assert reply.type == MT.PRE_VOTE_RESP and not reply.reject
+
+
+def test_follower_ahead_of_a_timed_out_candidate_stands_itself_at_once():
+    """Refusing a behind candidate after a full election timeout of silence, the fuller log campaigns now."""
+    node = _follower_of("n1", persisted=stored_log([1, 1, 1], term=1), elapsed=10, election_max=40)
+    assert node.role is Role.FOLLOWER  # silent for a full election_min; its own randomized timeout not yet due
+    node.step(_pre_vote("n3", 1, 1))
+    messages = sent(drain(node))
+    assert [m.reject for m in messages if m.type == MT.PRE_VOTE_RESP] == [True]
+    assert node.role is Role.PRE_CANDIDATE and {m.dst for m in messages if m.type == MT.PRE_VOTE} == {"n1", "n3"}
+
+
+def test_follower_that_heard_from_the_leader_recently_does_not_stand_on_a_behind_candidate():
+    """Within a full election timeout it refuses but does not campaign: the leader may be alive."""
+    node = _follower_of("n1", persisted=stored_log([1, 1, 1], term=1), elapsed=9)
+    node.step(_pre_vote("n3", 1, 1))
+    messages = sent(drain(node))
+    assert [m.type for m in messages] == [MT.PRE_VOTE_RESP] and messages[0].reject
+    assert node.role is Role.FOLLOWER
