@@ -36,6 +36,7 @@ from dtfd.raft.ready import NotLeader, PeerProgress, Proposed, ReadState, Ready,
 T = MessageType
 TRANSFER_CONTEXT = b"transfer"  # on VOTE: the leader asked for this election, ignore leases
 LEADER_MESSAGES = frozenset({T.APPEND, T.HEARTBEAT, T.SNAPSHOT})
+EARLY = LEADER_MESSAGES | {T.TIMEOUT_NOW}  # a leader's messages that do not depend on its own disk
 RESPONSES = frozenset({T.VOTE_RESP, T.PRE_VOTE_RESP, T.APPEND_RESP, T.HEARTBEAT_RESP, T.SNAPSHOT_RESP})
 
 
@@ -164,11 +165,21 @@ class Raft:
         log = self.log
         hard_state = self._hard_state()
         snapshot = log.pending_snapshot
+        messages, early = self._msgs, 0
+        durable = self._persisted_hs
+        if self.role is Role.LEADER and (durable.term, durable.vote) == (hard_state.term, hard_state.vote):
+            # Raft thesis 10.2.1: with term and vote already durable (a candidate's votes go out
+            # only after they are, so a leader's always are, but this is the condition that
+            # makes it safe), the leader may replicate while it writes its own log: it counts
+            # itself toward commit only once that log is stable.
+            first = [m for m in messages if m.type in EARLY]
+            messages, early = first + [m for m in messages if m.type not in EARLY], len(first)
         rd = Ready(
             hard_state=hard_state if hard_state != self._persisted_hs else None,
             entries=log.unstable_entries(),
             snapshot=snapshot,
-            messages=tuple(self._msgs),
+            messages=tuple(messages),
+            early=early,
             committed=log.next_committed(),
             read_states=tuple(self._read_states),
             leader=self.leader,
@@ -193,6 +204,9 @@ class Raft:
         if rd.committed:
             log.applied = max(log.applied, rd.committed[-1].index)
         self._outstanding = False
+        if self.role is Role.LEADER and self.progress[self.id].maybe_update(min(log.stable, log.last_index)):
+            if self._maybe_commit():
+                self._broadcast_append()
 
     def status(self) -> Status:
         progress = {}
@@ -378,9 +392,8 @@ class Raft:
     # ---- replication --------------------------------------------------------
 
     def _append(self, entries: list[Entry]) -> None:
+        """The leader counts its own copy toward commit only once it is stable (see advance)."""
         self.log.append(entries)
-        self.progress[self.id].maybe_update(self.log.last_index)
-        self._maybe_commit()
         self._append_due = True
 
     def _flush_appends(self) -> None:
@@ -661,7 +674,7 @@ class Raft:
         for member in self.voters + self.learners:
             self.progress[member] = Progress(last + 1, learner=member in self.learners)
             self.progress[member].recent_active = True
-        self.progress[self.id].match = last
+        self.progress[self.id].match = min(self.log.stable, last)
         self._append([Entry(self.term, last + 1, EntryKind.NOOP)])
 
     def _vote_to_persist(self) -> NodeId:

@@ -32,6 +32,10 @@ class Ready:
     2. send `messages`;
     3. restore the state machine from `snapshot`, then apply `committed`;
     4. serve `read_states` once applied; then call `advance(ready)`.
+
+    The first `early` messages (a leader's appends and heartbeats) may instead be sent
+    before step 1, overlapping the leader's disk write with its followers' (Raft thesis
+    10.2.1); the leader counts its own entries toward commit only after `advance`.
     """
 
     hard_state: HardState | None
@@ -42,6 +46,7 @@ class Ready:
     read_states: tuple[ReadState, ...]
     leader: NodeId
     role: Role
+    early: int = 0
 
     @property
     def must_sync(self) -> bool:

@@ -174,9 +174,10 @@ class Node:
             self._wake = trio.Event()
             while self.core.has_ready():
                 rd = self.core.ready()
+                self._send(rd.messages[: rd.early])  # a leader replicates while it writes its own log
                 if rd.must_sync:
                     await trio.to_thread.run_sync(self._persist, rd)
-                self._send(rd.messages)
+                self._send(rd.messages[rd.early :])
                 self._apply(rd)
                 self.core.advance(rd)
                 self._note_role()

@@ -148,6 +148,11 @@ class SimNode:
             raise Crashed(CRASH_POINTS[k])
 
     def _handle(self, now: int, rd: Ready) -> None:
+        network, checker = self.sim.network, self.checker
+        sent_early = rd.early if rd.early and self.sim.storage_rng.random() < 0.5 else 0
+        for msg in rd.messages[:sent_early]:  # a leader replicating while it writes (thesis 10.2.1)
+            checker.sent(self, msg)
+            network.send(now, msg)
         self._point(0)
         storage = self.storage
         if rd.snapshot is not None:
@@ -164,9 +169,9 @@ class SimNode:
             storage.sync()
             self.synced_commit = storage.durable_hard_state.commit
             self._point(4)
-        send_cut = self.sim.storage_rng.randrange(len(rd.messages) + 1) if self.crash_plan == 5 else -1
-        network, checker = self.sim.network, self.checker
-        for k, msg in enumerate(rd.messages):
+        later = rd.messages[sent_early:]
+        send_cut = self.sim.storage_rng.randrange(len(later) + 1) if self.crash_plan == 5 else -1
+        for k, msg in enumerate(later):
             if k == send_cut:
                 raise Crashed(CRASH_POINTS[5])
             checker.sent(self, msg)
