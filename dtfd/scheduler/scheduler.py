@@ -20,6 +20,7 @@ import trio
 from dtfd.journal import fields
 from dtfd.server.node import Node, NotLeaderError, Unavailable
 from dtfd.state import tasks as t
+from dtfd.state.health import RecordLeader
 from dtfd.state.machine import Envelope, Result
 
 log = logging.getLogger("dtf.scheduler")
@@ -146,6 +147,9 @@ class Scheduler:
                 log.info("scheduler sweep interrupted %s", fields(node=self.node.id, reason=exc))
 
     async def _sweep(self) -> None:
+        leaders = self.node.machine.image.health.leaders
+        if not leaders or leaders[-1].term < self.node.core.term:
+            await self.propose(RecordLeader(self.node.id, self.node.core.term))
         monotonic, now = time.monotonic(), time.time()
         for worker in list(self.workload.workers.values()):
             if worker.state not in ("active", "draining"):

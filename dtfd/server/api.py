@@ -11,7 +11,7 @@ import re
 import ssl
 import time
 from urllib.parse import unquote
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 
 import httpx
@@ -109,6 +109,7 @@ class Api:
             Route("POST", r("/v1/kv"), auth.ADMIN, self.kv_batch, "/v1/kv"),
             Route("PUT", r(f"/v1/config/{key}"), auth.ADMIN, self.config_put, "/v1/config/{key}"),
             Route("POST", r("/v1/leadership/transfer"), auth.ADMIN, self.transfer, "/v1/leadership/transfer"),
+            Route("GET", r("/v1/history"), auth.READ, self.history, "/v1/history"),
         ]
 
     def add_routes(self, routes: list[tuple[str, str, frozenset[str] | None, Callable[..., Awaitable[Response]], str]]) -> None:
@@ -200,6 +201,8 @@ class Api:
                 "peers": peers,
                 "uptime_s": round(time.monotonic() - node.started, 3),
                 "version": __version__,
+                "tasks": _count(task.state for task in node.machine.image.workload.tasks.values()),
+                "workers": _count(worker.state for worker in node.machine.image.workload.workers.values()),
             },
         )
 
@@ -247,6 +250,11 @@ class Api:
     async def config_put(self, request: Request, key: str) -> Response:
         body = decode_body(request.body, PutBody)
         return await self._write(request, SetConfig(_key(key), body.value), body)
+
+    async def history(self, request: Request) -> Response:
+        if request.query.get("stale") != "ok":
+            await self.node.read_barrier()
+        return json_response(200, {"leaders": msgspec.to_builtins(self.node.machine.image.health.leaders)})
 
     async def transfer(self, request: Request) -> Response:
         body = decode_body(request.body or b"{}", TransferBody)
@@ -298,6 +306,13 @@ class Api:
         if not leader:
             return "no leader is known; retry shortly"
         return f"leader is {leader} at {self.api_addresses.get(leader, 'an unknown address')}"
+
+
+def _count(values: Iterable[str]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for value in values:
+        counts[value] = counts.get(value, 0) + 1
+    return counts
 
 
 def decode_body(body: bytes, kind: type[msgspec.Struct]) -> msgspec.Struct:

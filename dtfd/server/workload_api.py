@@ -77,6 +77,7 @@ class WorkloadApi:
                 ("GET", "/v1/tasks", auth.READ, self.list_tasks, "/v1/tasks"),
                 ("GET", f"/v1/tasks/{tid}", auth.READ, self.get_task, "/v1/tasks/{id}"),
                 ("POST", f"/v1/tasks/{tid}/cancel", auth.ADMIN, self.cancel, "/v1/tasks/{id}/cancel"),
+                ("GET", "/v1/runs", auth.READ, self.list_runs, "/v1/runs"),
                 ("GET", r"/v1/runs/(?P<run_id>[^/]+)", auth.READ, self.run_summary, "/v1/runs/{id}"),
                 ("GET", "/v1/workers", auth.READ, self.list_workers, "/v1/workers"),
                 ("POST", "/v1/workers/register", WORKER_OR_ADMIN, self.register, "/v1/workers/register"),
@@ -156,6 +157,19 @@ class WorkloadApi:
             status = 404 if result.error == "unknown_task" else 409
             return error_response(status, result.error, f"task {task_id} cannot be cancelled: {result.error}")
         return json_response(200, result.value)
+
+    async def list_runs(self, request: Request) -> Response:
+        await self._read(request)
+        runs: dict[str, dict] = {}
+        for task in sorted(self.workload.tasks.values(), key=lambda task: task.order):
+            if not task.spec.run_id:
+                continue
+            run = runs.setdefault(task.spec.run_id, {"run_id": task.spec.run_id, "total": 0, "states": {}, "submitted_at": task.submitted_at})
+            run["total"] += 1
+            run["states"][task.state] = run["states"].get(task.state, 0) + 1
+        for run in runs.values():
+            run["done"] = all(state in t.TERMINAL for state in run["states"])
+        return json_response(200, {"runs": list(runs.values())})
 
     async def run_summary(self, request: Request, run_id: str) -> Response:
         await self._read(request)

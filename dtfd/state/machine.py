@@ -14,6 +14,7 @@ from typing import Any
 
 import msgspec
 
+from dtfd.state.health import Health, HealthCommand
 from dtfd.state.tasks import Workload, WorkloadCommand
 
 MAX_SESSIONS = 10_000  # past this, the least recently used tenth is evicted (deterministically)
@@ -50,7 +51,7 @@ class Batch(msgspec.Struct, tag="batch", frozen=True):
     commands: list[KvCommand]
 
 
-Command = KvCommand | Batch | WorkloadCommand
+Command = KvCommand | Batch | WorkloadCommand | HealthCommand
 
 
 class Envelope(msgspec.Struct, frozen=True, array_like=True):
@@ -84,6 +85,7 @@ class Image(msgspec.Struct):
     config: dict[str, str] = {}
     sessions: dict[str, Session] = {}
     workload: Workload = msgspec.field(default_factory=Workload)
+    health: Health = msgspec.field(default_factory=Health)
 
 
 _encoder = msgspec.msgpack.Encoder(order="sorted")
@@ -142,6 +144,9 @@ class StateMachine:
         if isinstance(command, Batch):
             results = [self._execute(c, at, index) for c in command.commands]
             return Result(ok=True, value=[msgspec.to_builtins(r) for r in results], index=index)
+        if isinstance(command, HealthCommand):
+            ok, value, error = self.image.health.apply(command, at)
+            return Result(ok=ok, value=value, error=error, index=index)
         if not isinstance(command, KvCommand):
             ok, value, error = self.image.workload.apply(command, at, index)
             return Result(ok=ok, value=value, error=error, index=index)

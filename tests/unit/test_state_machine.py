@@ -119,3 +119,13 @@ def test_a_batch_applies_its_commands_in_order_with_one_result_each():
     assert machine.get("a") == "2"
     assert machine.apply(2, encode_envelope(Envelope("c", 1, 0.0, Batch([Put("a", "9")])))).duplicate
     assert machine.get("a") == "2"
+
+
+def test_leader_changes_are_recorded_once_per_term_in_order():
+    from dtfd.state.health import RecordLeader
+
+    machine = StateMachine()
+    assert machine.apply(1, encode_envelope(Envelope("", 0, 5.0, RecordLeader("n1", 2)))).ok
+    assert not machine.apply(2, encode_envelope(Envelope("", 0, 6.0, RecordLeader("n2", 2)))).ok
+    assert machine.apply(3, encode_envelope(Envelope("", 0, 7.0, RecordLeader("n2", 3)))).ok
+    assert [(c.node, c.term) for c in machine.image.health.leaders] == [("n1", 2), ("n2", 3)]
