@@ -111,7 +111,8 @@ class Scheduler:
         """Highest priority first; within it, the run with the fewest active tasks; then FIFO."""
         worker = self.workload.workers.get(worker_id)
         now = time.time()
-        if worker is None or worker.state != "active" or not t.breaker_admits(worker.breaker, now):
+        policy = t.BreakerPolicy.from_config(self.node.machine.image.config)
+        if worker is None or worker.state != "active" or not t.breaker_admits(worker.breaker, now, policy):
             return []
         tasks = self.workload.tasks.values()
         busy = sum(1 for task in tasks if task.state in t.ACTIVE and task.lease and task.lease.worker == worker_id)

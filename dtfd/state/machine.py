@@ -148,7 +148,7 @@ class StateMachine:
             ok, value, error = self.image.health.apply(command, at)
             return Result(ok=ok, value=value, error=error, index=index)
         if not isinstance(command, KvCommand):
-            ok, value, error = self.image.workload.apply(command, at, index)
+            ok, value, error = self.image.workload.apply(command, at, index, self.image.config)
             return Result(ok=ok, value=value, error=error, index=index)
         kv = self.image.kv
         if isinstance(command, Put):

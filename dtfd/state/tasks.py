@@ -20,6 +20,21 @@ OUTCOMES = frozenset({SUCCEEDED, FAILED, TIMED_OUT, CANCELLED, "error"})
 
 BREAKER_THRESHOLD = 3  # consecutive infrastructure failures that open a worker's breaker
 BREAKER_COOLDOWN_S = 30.0  # an open breaker lets one probe task through after this
+# Both can be changed at run time through the replicated configuration partition
+# (PUT /v1/config/breaker.threshold, /v1/config/breaker.cooldown_s), so every node applies
+# the same values at the same index.
+
+
+class BreakerPolicy(msgspec.Struct, frozen=True):
+    threshold: int = BREAKER_THRESHOLD
+    cooldown_s: float = BREAKER_COOLDOWN_S
+
+    @classmethod
+    def from_config(cls, config: dict[str, str]) -> BreakerPolicy:
+        try:
+            return cls(int(config.get("breaker.threshold", BREAKER_THRESHOLD)), float(config.get("breaker.cooldown_s", BREAKER_COOLDOWN_S)))
+        except ValueError:
+            return cls()  # a bad value in the configuration partition must not stop the workload
 
 
 class Strict(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -228,14 +243,14 @@ class Workload(msgspec.Struct):
     idempotency: dict[str, str] = {}
     next_order: int = 0
 
-    def apply(self, command: WorkloadCommand, at: float, index: int) -> tuple[bool, object, str]:
-        """Apply one command; (ok, value, error code)."""
+    def apply(self, command: WorkloadCommand, at: float, index: int, config: dict[str, str] | None = None) -> tuple[bool, object, str]:
+        """Apply one command; (ok, value, error code). `config` is the replicated configuration."""
         handler = getattr(self, "_" + type(command).__name__)
-        return handler(command, at, index)
+        return handler(command, at, index, BreakerPolicy.from_config(config or {}))
 
     # ---- workers ----------------------------------------------------------------
 
-    def _RegisterWorker(self, c: RegisterWorker, at: float, index: int) -> tuple[bool, object, str]:
+    def _RegisterWorker(self, c: RegisterWorker, at: float, index: int, policy: BreakerPolicy) -> tuple[bool, object, str]:
         worker = self.workers.get(c.worker)
         if worker is not None and worker.state in ("active", "draining"):
             worker.labels, worker.cpus, worker.memory_mb, worker.slots = dict(c.labels), c.cpus, c.memory_mb, c.slots
@@ -245,14 +260,14 @@ class Workload(msgspec.Struct):
             self.workers[c.worker] = Worker(c.worker, dict(c.labels), c.cpus, c.memory_mb, c.slots, "active", at, breaker)
         return True, {"worker": c.worker}, ""
 
-    def _SetDraining(self, c: SetDraining, at: float, index: int) -> tuple[bool, object, str]:
+    def _SetDraining(self, c: SetDraining, at: float, index: int, policy: BreakerPolicy) -> tuple[bool, object, str]:
         worker = self.workers.get(c.worker)
         if worker is None or worker.state not in ("active", "draining"):
             return False, None, "unknown_worker"
         worker.state = "draining" if c.draining else "active"
         return True, {"worker": c.worker, "state": worker.state}, ""
 
-    def _RemoveWorker(self, c: RemoveWorker, at: float, index: int) -> tuple[bool, object, str]:
+    def _RemoveWorker(self, c: RemoveWorker, at: float, index: int, policy: BreakerPolicy) -> tuple[bool, object, str]:
         worker = self.workers.get(c.worker)
         if worker is None or worker.state in ("lost", "gone"):
             return False, None, "unknown_worker"
@@ -267,7 +282,7 @@ class Workload(msgspec.Struct):
 
     # ---- tasks --------------------------------------------------------------------
 
-    def _SubmitTasks(self, c: SubmitTasks, at: float, index: int) -> tuple[bool, object, str]:
+    def _SubmitTasks(self, c: SubmitTasks, at: float, index: int, policy: BreakerPolicy) -> tuple[bool, object, str]:
         for n, spec in enumerate(c.specs):
             problem = spec_problem(spec)
             if problem:
@@ -291,14 +306,14 @@ class Workload(msgspec.Struct):
             submitted.append({"id": task_id, "state": QUEUED, "duplicate": False})
         return True, submitted, ""
 
-    def _AssignTasks(self, c: AssignTasks, at: float, index: int) -> tuple[bool, object, str]:
+    def _AssignTasks(self, c: AssignTasks, at: float, index: int, policy: BreakerPolicy) -> tuple[bool, object, str]:
         worker = self.workers.get(c.worker)
         if worker is None or worker.state != "active":
             return False, [], "worker_unavailable"
         free = worker.slots - sum(1 for t in self.tasks.values() if t.state in ACTIVE and t.lease and t.lease.worker == c.worker)
         granted = []
         for assignment in c.assignments:
-            if free <= 0 or not breaker_admits(worker.breaker, at):
+            if free <= 0 or not breaker_admits(worker.breaker, at, policy):
                 break
             task = self.tasks.get(assignment.task_id)
             if task is None or task.state != QUEUED or task.not_before > at or task.cancel_requested:
@@ -314,7 +329,7 @@ class Workload(msgspec.Struct):
             granted.append({"lease_id": task.lease.id, "task_id": task.id, "attempt": task.attempt, "expires_at": task.lease.expires_at})
         return True, granted, ""
 
-    def _StartTask(self, c: StartTask, at: float, index: int) -> tuple[bool, object, str]:
+    def _StartTask(self, c: StartTask, at: float, index: int, policy: BreakerPolicy) -> tuple[bool, object, str]:
         task = self.tasks.get(c.task_id)
         if task is None or task.lease is None or task.lease.id != c.lease_id or task.state not in ACTIVE:
             return False, None, "stale_lease"
@@ -322,14 +337,14 @@ class Workload(msgspec.Struct):
             self._move(task, RUNNING, at, "started", task.lease.worker)
         return True, {"task_id": task.id, "state": task.state, "cancel_requested": task.cancel_requested}, ""
 
-    def _FinishTasks(self, c: FinishTasks, at: float, index: int) -> tuple[bool, object, str]:
+    def _FinishTasks(self, c: FinishTasks, at: float, index: int, policy: BreakerPolicy) -> tuple[bool, object, str]:
         answers = []
         for report in c.reports:
-            error = self._finish(report, at)
+            error = self._finish(report, at, policy)
             answers.append({"task_id": report.task_id, "lease_id": report.lease_id, "accepted": not error, "error": error})
         return True, answers, ""
 
-    def _finish(self, report: Report, at: float) -> str:
+    def _finish(self, report: Report, at: float, policy: BreakerPolicy) -> str:
         task = self.tasks.get(report.task_id)
         if task is None:
             return "unknown_task"
@@ -349,16 +364,16 @@ class Workload(msgspec.Struct):
             self._breaker_success(worker, at)
             for other in dict.fromkeys(task.failed_on):
                 if other != lease.worker:
-                    self._breaker_failure(self.workers.get(other), task.id, at)
+                    self._breaker_failure(self.workers.get(other), at, policy)
             return ""
         if outcome.status == CANCELLED or task.cancel_requested:
             task.result = outcome
             self._move(task, CANCELLED, at, outcome.reason or "cancelled", lease.worker)
             return ""
         if outcome.status == "error":
-            self._breaker_failure(worker, task.id, at)  # could not even run it: the worker's fault
+            self._breaker_failure(worker, at, policy)  # could not even run it: the worker's fault
         elif worker is not None and worker.breaker.probe == task.id:
-            self._breaker_failure(worker, task.id, at)
+            self._breaker_failure(worker, at, policy)
         task.failed_on.append(lease.worker)
         terminal = TIMED_OUT if outcome.status == TIMED_OUT else FAILED
         reason = outcome.reason or (f"exit {outcome.exit_code}" if outcome.exit_code is not None else outcome.status)
@@ -366,7 +381,7 @@ class Workload(msgspec.Struct):
             task.result = outcome
         return ""
 
-    def _CancelTask(self, c: CancelTask, at: float, index: int) -> tuple[bool, object, str]:
+    def _CancelTask(self, c: CancelTask, at: float, index: int, policy: BreakerPolicy) -> tuple[bool, object, str]:
         task = self.tasks.get(c.task_id)
         if task is None:
             return False, None, "unknown_task"
@@ -378,7 +393,7 @@ class Workload(msgspec.Struct):
             task.cancel_requested = True
         return True, {"task_id": task.id, "state": task.state, "cancel_requested": task.cancel_requested}, ""
 
-    def _ExpireLease(self, c: ExpireLease, at: float, index: int) -> tuple[bool, object, str]:
+    def _ExpireLease(self, c: ExpireLease, at: float, index: int, policy: BreakerPolicy) -> tuple[bool, object, str]:
         task = self.tasks.get(c.task_id)
         if task is None or task.lease is None or task.lease.id != c.lease_id or task.state not in ACTIVE:
             return False, None, "stale_lease"
@@ -411,12 +426,12 @@ class Workload(msgspec.Struct):
             worker.breaker = Breaker()
 
     @staticmethod
-    def _breaker_failure(worker: Worker | None, task_id: str, at: float) -> None:
+    def _breaker_failure(worker: Worker | None, at: float, policy: BreakerPolicy) -> None:
         if worker is None:
             return
         breaker = worker.breaker
         breaker.failures += 1
-        if breaker.state == "half_open" or breaker.failures >= BREAKER_THRESHOLD:
+        if breaker.state == "half_open" or breaker.failures >= policy.threshold:
             breaker.state, breaker.opened_at, breaker.probe = "open", at, ""
 
 
@@ -428,12 +443,12 @@ def fits(requirements: Requirements, worker: Worker) -> bool:
     )
 
 
-def breaker_admits(breaker: Breaker, at: float) -> bool:
+def breaker_admits(breaker: Breaker, at: float, policy: BreakerPolicy) -> bool:
     """Closed: yes. Open: one probe once the cool-down has passed. Half-open: not while the probe runs."""
     if breaker.state == "closed":
         return True
     if breaker.state == "open":
-        return at >= breaker.opened_at + BREAKER_COOLDOWN_S
+        return at >= breaker.opened_at + policy.cooldown_s
     return False
 
 

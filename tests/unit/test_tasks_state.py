@@ -232,3 +232,18 @@ def test_workload_snapshot_restores_exactly_and_replicas_agree(prefix, suffix):
     for task in a.workload.tasks.values():
         assert task.attempt <= task.spec.max_retries + 1
         assert sum(1 for h in task.history if h.to_state in t.TERMINAL) <= 1
+
+
+def test_breaker_policy_comes_from_the_replicated_configuration():
+    from dtfd.state.machine import SetConfig
+
+    c = Cluster()
+    c.apply(SetConfig("breaker.threshold", "1"))
+    c.apply(SetConfig("breaker.cooldown_s", "2"))
+    c.register()
+    task_id = c.submit()
+    c.finish(task_id, c.lease(task_id), status="error")
+    assert c.workload.workers["w1"].breaker.state == "open"  # one failure is enough now
+    probe = c.submit()
+    c.now += 2
+    assert c.lease(probe) is not None  # and the cool-down is 2 s
