@@ -1,0 +1,5 @@
+import sys
+
+from dtfd.worker import main
+
+sys.exit(main())

@@ -1,0 +1,305 @@
+"""Runs one task: a process group of its own, a timeout, capped output, resource usage.
+
+Every task gets `start_new_session=True`, so a timeout or a cancel signals the whole
+group (children and grandchildren included): SIGTERM first, SIGKILL after the grace
+period. Whatever a finished task left behind in its group is ended the same way, so no
+task outlives its result. Peak RSS and CPU time cover the whole process tree, sampled
+with psutil (a lower bound: work done between the last sample and exit is missed).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+from pathlib import Path
+
+import msgspec
+import psutil
+import trio
+
+from dtfd.journal import fields
+from dtfd.state.tasks import JUnitCase, Outcome
+from dtfd.worker.junit import JunitError, parse_file
+
+log = logging.getLogger("dtf.worker.runner")
+
+BASE_ENV_KEYS = ("PATH", "HOME", "LANG", "LC_ALL", "TZ", "USER", "LOGNAME", "TMPDIR")
+DEFAULT_PATH = "/usr/local/bin:/usr/bin:/bin"
+OUTPUT_EOF_WAIT_S = 1.0  # after the group is gone: a process that left it may still hold the pipe
+GROUP_POLL_S = 0.05
+
+
+class TaskSpec(msgspec.Struct, kw_only=True):
+    """The fields of the submitted spec the worker acts on; the coordinator's others are ignored."""
+
+    argv: list[str]
+    shell: bool = False
+    env: dict[str, str] = {}
+    cwd: str = ""
+    timeout_s: float = 600.0
+    junit: str = ""
+
+
+class Result(Outcome, frozen=True, kw_only=True):
+    """What /v1/results takes for one attempt. exit_code None: no process ran; negative: killed by that signal."""
+
+    task_id: str
+    lease_id: str
+
+
+class Settings(msgspec.Struct, frozen=True, kw_only=True):
+    work_dir: Path
+    output_cap_bytes: int = 262_144
+    kill_grace_s: float = 10.0
+    junit_max_bytes: int = 16 << 20
+    sample_interval_s: float = 0.2
+
+
+class CannotRun(Exception):
+    """The task cannot be started as specified; reported as status "error"."""
+
+
+class Tail:
+    """The last `cap` bytes of the output, and how many were dropped before them."""
+
+    def __init__(self, cap: int) -> None:
+        self.cap = cap
+        self.data = bytearray()
+        self.dropped = 0
+        self.closed = trio.Event()
+
+    def add(self, chunk: bytes) -> None:
+        self.data += chunk
+        excess = len(self.data) - self.cap
+        if excess > 0:
+            del self.data[:excess]
+            self.dropped += excess
+
+    def text(self) -> str:
+        text = self.data.decode("utf-8", "replace")
+        if self.dropped:
+            return f"[dtf-worker: output truncated, the first {self.dropped} bytes were dropped]\n{text}"
+        return text
+
+    async def collect(self, stream: trio.abc.ReceiveStream) -> None:
+        async for chunk in stream:
+            self.add(chunk)
+        self.closed.set()
+
+
+class Usage:
+    """Peak RSS and CPU time of a process tree, from periodic samples."""
+
+    def __init__(self) -> None:
+        self.peak_rss_bytes = 0
+        self.cpu_s = 0.0
+
+    def sample(self, pid: int) -> None:
+        try:
+            root = psutil.Process(pid)
+            tree = [root, *root.children(recursive=True)]
+        except psutil.Error:
+            return
+        rss, cpu = 0, 0.0
+        for process in tree:
+            try:
+                with process.oneshot():
+                    rss += process.memory_info().rss
+                    times = process.cpu_times()
+            except psutil.Error:
+                continue
+            # children_*: descendants already reaped by their parent in the tree
+            cpu += times.user + times.system + times.children_user + times.children_system
+        self.peak_rss_bytes = max(self.peak_rss_bytes, rss)
+        self.cpu_s = max(self.cpu_s, cpu)
+
+
+def command(spec: TaskSpec) -> list[str]:
+    """argv as given; with `shell`, argv is exactly one string: the script for /bin/sh -c."""
+    if not spec.argv or not all(spec.argv):
+        raise CannotRun("argv must be a non-empty list of non-empty strings")
+    if spec.shell:
+        if len(spec.argv) != 1:
+            raise CannotRun(f"a shell task takes argv of exactly one string, the script; got {len(spec.argv)}")
+        return ["/bin/sh", "-c", spec.argv[0]]
+    return list(spec.argv)
+
+
+def environment(spec: TaskSpec, task_id: str, lease_id: str, attempt: int) -> dict[str, str]:
+    """A minimal base (not the worker's whole environment, which may hold secrets), then the task's."""
+    env = {key: os.environ[key] for key in BASE_ENV_KEYS if key in os.environ}
+    env.setdefault("PATH", DEFAULT_PATH)
+    env.update(DTF_TASK_ID=task_id, DTF_LEASE_ID=lease_id, DTF_ATTEMPT=str(attempt))
+    env.update(spec.env)
+    return env
+
+
+def group_alive(pgid: int) -> bool:
+    """Whether any process of the group still runs (zombies waiting for a reaper do not count)."""
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    for process in psutil.process_iter(["status"]):
+        try:
+            if os.getpgid(process.pid) == pgid and process.info["status"] != psutil.STATUS_ZOMBIE:
+                return True
+        except (ProcessLookupError, psutil.Error):
+            continue
+    return False
+
+
+def signal_group(pgid: int, signum: int) -> None:
+    try:
+        os.killpg(pgid, signum)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+async def end_group(process: trio.Process, grace_s: float) -> None:
+    """SIGTERM the task's group, wait up to the grace period for it to go, then SIGKILL and see it gone."""
+    pgid = process.pid
+    signal_group(pgid, signal.SIGTERM)
+    with trio.move_on_after(grace_s):
+        await process.wait()
+        while group_alive(pgid):
+            await trio.sleep(GROUP_POLL_S)
+    signal_group(pgid, signal.SIGKILL)
+    await process.wait()
+    with trio.move_on_after(grace_s):  # SIGKILLed processes still take a moment to exit
+        while group_alive(pgid):
+            await trio.sleep(GROUP_POLL_S)
+
+
+def _signal_name(signum: int) -> str:
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return f"signal {signum}"
+
+
+class TaskRun:
+    """One attempt of one task; `stop()` ends it early (cancel, unknown lease, worker shutdown)."""
+
+    def __init__(self, task_id: str, lease_id: str, attempt: int, spec: TaskSpec, settings: Settings) -> None:
+        self.task_id = task_id
+        self.lease_id = lease_id
+        self.attempt = attempt
+        self.spec = spec
+        self.settings = settings
+        self.stopped: tuple[str, str] | None = None  # (status, reason)
+        self._waiting = trio.CancelScope()
+        self.context = fields(task=task_id, lease=lease_id, attempt=attempt)
+
+    def stop(self, status: str, reason: str) -> None:
+        if self.stopped is None:
+            self.stopped = (status, reason)
+        self._waiting.cancel()
+
+    def _result(self, status: str, **values: object) -> Result:
+        return Result(task_id=self.task_id, lease_id=self.lease_id, status=status, **values)
+
+    async def run(self) -> Result:
+        if self.stopped is not None:
+            return self._result(self.stopped[0], reason=self.stopped[1])
+        try:
+            argv = command(self.spec)
+            cwd, temporary = self._cwd()
+        except CannotRun as exc:
+            log.warning("task cannot run %s", fields(reason=exc) + " " + self.context)
+            return self._result("error", reason=str(exc))
+        try:
+            result = await self._execute(argv, cwd)
+        finally:
+            if temporary:
+                await trio.to_thread.run_sync(shutil.rmtree, cwd, True)
+        log.info(
+            "task finished %s",
+            self.context + " " + fields(status=result.status, exit_code=result.exit_code, duration_s=f"{result.duration_s:.3f}"),
+        )
+        return result
+
+    def _cwd(self) -> tuple[Path, bool]:
+        """The task's directory, and whether it is a fresh one to remove afterwards."""
+        work_dir = self.settings.work_dir
+        try:
+            work_dir.mkdir(parents=True, exist_ok=True)
+            if not self.spec.cwd:
+                return Path(tempfile.mkdtemp(prefix=f"task-{self.task_id}-", dir=work_dir)), True
+        except OSError as exc:
+            raise CannotRun(f"cannot create a directory under {work_dir}: {exc.strerror}") from None
+        cwd = work_dir / self.spec.cwd  # an absolute cwd stays absolute
+        if not cwd.is_dir():
+            raise CannotRun(f"cwd {str(cwd)!r} is not a directory")
+        return cwd, False
+
+    async def _execute(self, argv: list[str], cwd: Path) -> Result:
+        spec, settings = self.spec, self.settings
+        started = trio.current_time()
+        try:
+            process = await trio.lowlevel.open_process(
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                cwd=cwd,
+                env=environment(spec, self.task_id, self.lease_id, self.attempt),
+                start_new_session=True,
+            )
+        except OSError as exc:
+            return self._result("error", reason=f"cannot run {argv[0]!r}: {exc.strerror or exc}")
+        log.info("task started %s", self.context + " " + fields(pid=process.pid, command=argv[0]))
+        output, usage = Tail(settings.output_cap_bytes), Usage()
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(output.collect, process.stdout)
+                nursery.start_soon(self._sample, process, usage)
+                with trio.move_on_after(spec.timeout_s):
+                    with self._waiting:
+                        await process.wait()
+                ended_by_us = process.returncode is None
+                await end_group(process, settings.kill_grace_s)
+                duration_s = trio.current_time() - started
+                with trio.move_on_after(OUTPUT_EOF_WAIT_S):
+                    await output.closed.wait()
+                nursery.cancel_scope.cancel()
+        finally:
+            if process.returncode is None:  # cancelled from outside: leave nothing running
+                signal_group(process.pid, signal.SIGKILL)
+            assert process.stdout is not None
+            await process.stdout.aclose()
+        if ended_by_us:
+            status, reason = self.stopped or ("timed_out", f"timed out after {spec.timeout_s:g}s; process group ended")
+        elif process.returncode == 0:
+            status, reason = "succeeded", ""
+        else:
+            status = "failed"
+            reason = f"killed by {_signal_name(-process.returncode)}" if process.returncode < 0 else ""
+        cases: list[JUnitCase] = []
+        if spec.junit:
+            try:
+                cases = parse_file(cwd / spec.junit, settings.junit_max_bytes)
+            except JunitError as exc:
+                reason = f"{reason}; {exc}" if reason else str(exc)
+        return self._result(
+            status,
+            exit_code=process.returncode,
+            duration_s=round(duration_s, 6),
+            peak_rss_bytes=usage.peak_rss_bytes,
+            cpu_s=round(usage.cpu_s, 6),
+            output_tail=output.text(),
+            truncated=bool(output.dropped),
+            reason=reason,
+            junit=cases,
+        )
+
+    async def _sample(self, process: trio.Process, usage: Usage) -> None:
+        while process.returncode is None:
+            usage.sample(process.pid)
+            await trio.sleep(self.settings.sample_interval_s)

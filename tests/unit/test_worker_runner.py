@@ -1,0 +1,183 @@
+"""The runner against real subprocesses: statuses, process groups, output cap, env, usage, JUnit."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import psutil
+import pytest
+import trio
+
+from dtfd.worker.runner import Settings, TaskRun, TaskSpec
+
+pytestmark = pytest.mark.integration
+PY = sys.executable
+
+
+def _run(tmp_path: Path, argv: list[str], **spec: object) -> TaskRun:
+    settings = Settings(work_dir=tmp_path / "work", output_cap_bytes=spec.pop("cap", 4096), kill_grace_s=spec.pop("grace", 2.0))
+    return TaskRun("t1", "l1", 1, TaskSpec(argv=argv, **spec), settings)
+
+
+async def test_exit_zero_succeeds_and_nonzero_fails(tmp_path):
+    ok = await _run(tmp_path, [PY, "-c", "print('hello')"]).run()
+    assert (ok.status, ok.exit_code, ok.output_tail, ok.truncated) == ("succeeded", 0, "hello\n", False)
+    assert ok.duration_s > 0 and ok.task_id == "t1" and ok.lease_id == "l1"
+    bad = await _run(tmp_path, [PY, "-c", "import sys; sys.exit(3)"]).run()
+    assert (bad.status, bad.exit_code) == ("failed", 3)
+
+
+async def test_stdout_and_stderr_are_interleaved(tmp_path):
+    script = "import sys\nfor n in range(3):\n    print(f'out{n}', flush=True); print(f'err{n}', file=sys.stderr, flush=True)"
+    result = await _run(tmp_path, [PY, "-c", script]).run()
+    assert result.output_tail.split() == ["out0", "err0", "out1", "err1", "out2", "err2"]
+
+
+def _gone(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+async def test_timeout_kills_the_whole_process_group(tmp_path):
+    """A child ignoring SIGTERM spawns a sleeping grandchild: both must be gone, within the grace."""
+    pids = tmp_path / "pids"
+    script = (
+        "import os, signal, subprocess, sys, time\n"
+        "signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+        f"g = subprocess.Popen([{PY!r}, '-c', 'import time; time.sleep(300)'])\n"
+        f"open({str(pids)!r}, 'w').write(f'{{os.getpid()}} {{g.pid}}')\n"
+        "print('ready', flush=True)\n"
+        "time.sleep(300)\n"
+    )
+    run = _run(tmp_path, [PY, "-c", script], timeout_s=1.5, grace=0.5)
+    with trio.fail_after(20):
+        result = await run.run()
+    assert result.status == "timed_out" and "timed out after 1.5s" in result.reason
+    assert result.exit_code == -9 and "ready" in result.output_tail
+    child, grandchild = map(int, pids.read_text().split())
+    assert _gone(child) and _gone(grandchild)
+
+
+async def test_stragglers_left_by_a_finished_task_are_ended(tmp_path):
+    pid_file = tmp_path / "pid"
+    script = f"import subprocess; p = subprocess.Popen(['sleep', '300']); open({str(pid_file)!r}, 'w').write(str(p.pid))"
+    with trio.fail_after(20):
+        result = await _run(tmp_path, [PY, "-c", script]).run()
+    assert result.status == "succeeded"
+    assert _gone(int(pid_file.read_text()))
+
+
+async def test_stop_ends_a_running_task_with_the_given_status(tmp_path):
+    run = _run(tmp_path, ["sleep", "300"])
+    async with trio.open_nursery() as nursery:
+        results = []
+
+        async def go() -> None:
+            results.append(await run.run())
+
+        nursery.start_soon(go)
+        with trio.fail_after(10):
+            while not any(p.name() == "sleep" for p in psutil.Process().children()):
+                await trio.sleep(0.02)
+        run.stop("cancelled", "cancelled by the coordinator")
+    assert (results[0].status, results[0].reason) == ("cancelled", "cancelled by the coordinator")
+    assert results[0].exit_code == -15
+
+
+async def test_stop_before_start_never_runs_the_command(tmp_path):
+    run = _run(tmp_path, [PY, "-c", f"open({str(tmp_path / 'ran')!r}, 'w')"])
+    run.stop("cancelled", "worker shutdown")
+    result = await run.run()
+    assert (result.status, result.reason, result.exit_code) == ("cancelled", "worker shutdown", None)
+    assert not (tmp_path / "ran").exists()
+
+
+async def test_output_cap_keeps_the_tail_and_says_it_truncated(tmp_path):
+    script = "import sys\nfor n in range(2000):\n    print(f'line {n:05d}')"
+    result = await _run(tmp_path, [PY, "-c", script], cap=1024).run()
+    assert result.truncated
+    assert result.output_tail.startswith("[dtf-worker: output truncated, the first ")
+    assert result.output_tail.endswith("line 01999\n")
+    assert "line 00000" not in result.output_tail
+    body = result.output_tail.split("\n", 1)[1]
+    assert len(body.encode()) == 1024
+
+
+async def test_env_is_merged_over_a_minimal_base_and_cwd_applied(tmp_path, monkeypatch):
+    monkeypatch.setenv("WORKER_SECRET", "do-not-leak")
+    (tmp_path / "work" / "checkout").mkdir(parents=True)
+    script = "import os; print(os.getcwd()); print(os.environ.get('WORKER_SECRET')); print(os.environ['K']); print(os.environ['DTF_TASK_ID'])"
+    result = await _run(tmp_path, [PY, "-c", script], env={"K": "V"}, cwd="checkout").run()
+    assert result.output_tail.split() == [str(tmp_path / "work" / "checkout"), "None", "V", "t1"]
+
+
+async def test_empty_cwd_is_a_fresh_directory_removed_afterwards(tmp_path):
+    result = await _run(tmp_path, [PY, "-c", "import os; open('f', 'w'); print(os.getcwd())"]).run()
+    cwd = Path(result.output_tail.strip())
+    assert cwd.parent == tmp_path / "work" and cwd.name.startswith("task-t1-")
+    assert not cwd.exists()
+
+
+async def test_missing_cwd_is_an_error(tmp_path):
+    result = await _run(tmp_path, ["true"], cwd="nope").run()
+    assert result.status == "error" and "nope" in result.reason
+
+
+async def test_shell_only_when_asked(tmp_path):
+    plain = await _run(tmp_path, ["echo", "$HOME", "|", "x"]).run()
+    assert plain.output_tail == "$HOME | x\n"
+    shell = await _run(tmp_path, ["echo a && echo b"], shell=True).run()
+    assert (shell.status, shell.output_tail) == ("succeeded", "a\nb\n")
+    refused = await _run(tmp_path, ["echo", "a"], shell=True).run()
+    assert refused.status == "error" and "exactly one string" in refused.reason
+
+
+async def test_command_not_found_is_an_error_not_a_crash(tmp_path):
+    result = await _run(tmp_path, ["/nonexistent/dtf-test-command", "-x"]).run()
+    assert result.status == "error" and result.exit_code is None
+    assert "cannot run '/nonexistent/dtf-test-command'" in result.reason and "No such file" in result.reason
+
+
+async def test_peak_rss_and_cpu_time_cover_the_process_tree(tmp_path):
+    """The allocating, computing process is a child of the task's root: the tree is measured."""
+    work = "x = bytearray(150 << 20); import time; t = time.process_time()\nwhile time.process_time() - t < 0.8: pass"
+    script = f"import subprocess, sys; subprocess.run([sys.executable, '-c', {work!r}], check=True)"
+    result = await _run(tmp_path, [PY, "-c", script]).run()
+    assert result.status == "succeeded"
+    assert result.peak_rss_bytes > 150 << 20
+    assert result.cpu_s > 0.3
+
+
+JUNIT = """<?xml version="1.0"?>
+<testsuites><testsuite name="s">
+  <testcase classname="a.B" name="ok" time="0.25"/>
+  <testcase classname="a.B" name="bad" time="1.5"><failure message="assert 1 == 2">trace</failure></testcase>
+  <testcase classname="a.B" name="boom" time="0.1"><error message="RuntimeError"/></testcase>
+  <testcase classname="a.B" name="later" time="0"><skipped message="not today"/></testcase>
+</testsuite></testsuites>
+"""
+
+
+async def test_junit_report_is_parsed_into_the_result(tmp_path):
+    script = f"open('report.xml', 'w').write({JUNIT!r}); raise SystemExit(1)"
+    result = await _run(tmp_path, [PY, "-c", script], junit="report.xml").run()
+    assert result.status == "failed" and result.reason == ""
+    assert [(c.name, c.status, c.duration_s, c.message) for c in result.junit] == [
+        ("ok", "passed", 0.25, ""),
+        ("bad", "failed", 1.5, "assert 1 == 2"),
+        ("boom", "error", 0.1, "RuntimeError"),
+        ("later", "skipped", 0.0, "not today"),
+    ]
+
+
+async def test_unusable_junit_report_is_a_reason_not_a_crash(tmp_path):
+    laughs = '<?xml version="1.0"?><!DOCTYPE l [<!ENTITY a "aaaaaaaaaa"><!ENTITY b "&a;&a;&a;&a;&a;&a;&a;&a;&a;&a;">]><testsuite>&b;</testsuite>'
+    script = f"open('report.xml', 'w').write({laughs!r})"
+    result = await _run(tmp_path, [PY, "-c", script], junit="report.xml").run()
+    assert result.status == "succeeded" and result.junit == []
+    assert "junit: refused unsafe XML" in result.reason
+    missing = await _run(tmp_path, ["true"], junit="report.xml").run()
+    assert missing.reason == "junit: report.xml was not written"
