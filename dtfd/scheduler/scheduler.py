@@ -48,7 +48,8 @@ class Scheduler:
     def workload(self) -> t.Workload:
         return self.node.machine.image.workload
 
-    def _leading(self) -> None:
+    def require_leader(self) -> None:
+        """Raise NotLeaderError off the leader, so the API forwards the request there."""
         if not self.node.is_leader:
             raise NotLeaderError(self.node.core.leader)
         if self._term != self.node.core.term:  # newly elected: every worker gets a fresh grace period
@@ -66,7 +67,7 @@ class Scheduler:
     # ---- worker requests ------------------------------------------------------------
 
     def heartbeat(self, worker: str, running: list[str]) -> dict[str, list[str]]:
-        self._leading()
+        self.require_leader()
         self._last_seen[worker] = time.monotonic()
         held = {
             task.lease.id: task
@@ -79,12 +80,12 @@ class Scheduler:
         }
 
     def seen(self, worker: str) -> None:
-        self._leading()
+        self.require_leader()
         self._last_seen[worker] = time.monotonic()
 
     async def lease(self, worker: str, most: int, wait_s: float) -> list[dict]:
         """Long-poll: leases for up to `most` tasks, waiting up to `wait_s` for any to appear."""
-        self._leading()
+        self.require_leader()
         self._last_seen[worker] = time.monotonic()
         deadline = trio.current_time() + min(max(wait_s, 0.0), self.policy.max_wait_s)
         while True:
@@ -105,7 +106,7 @@ class Scheduler:
                 await work.wait()
             if trio.current_time() >= deadline:
                 return []
-            self._leading()
+            self.require_leader()
 
     def _pick(self, worker_id: str, most: int) -> list[t.Task]:
         """Highest priority first; within it, the run with the fewest active tasks; then FIFO."""
@@ -142,7 +143,7 @@ class Scheduler:
             if not self.node.is_leader:
                 continue
             try:
-                self._leading()
+                self.require_leader()
                 await self._sweep()
             except (NotLeaderError, Unavailable) as exc:
                 log.info("scheduler sweep interrupted %s", fields(node=self.node.id, reason=exc))

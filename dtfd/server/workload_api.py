@@ -17,7 +17,6 @@ from dtfd.scheduler.shedding import RateLimiter
 from dtfd.server import auth
 from dtfd.server.api import Api, BadRequest, ClientFields, Route, decode_body
 from dtfd.server.http import Request, Response, error_response, json_response
-from dtfd.server.node import NotLeaderError
 from dtfd.state import tasks as t
 from dtfd.state.machine import Envelope, Result
 
@@ -110,8 +109,7 @@ class WorkloadApi:
             problem = t.spec_problem(spec)
             if problem:
                 raise BadRequest(422, "invalid", f"tasks[{n}].{problem}")
-        if not self.node.is_leader:
-            raise NotLeaderError(self.node.core.leader)  # shedding is decided where the queue is
+        self.scheduler.require_leader()  # shedding is decided where the queue is
         wait = self.limiter.retry_after(request.principal, cost=len(body.tasks))
         if wait:
             return _shed(f"client {request.principal!r} is over its submission rate", wait)
@@ -219,6 +217,7 @@ class WorkloadApi:
 
     async def heartbeat(self, request: Request, worker: str) -> Response:
         body = decode_body(request.body or b"{}", HeartbeatBody)
+        self.scheduler.require_leader()  # only the leader's view says whether a worker is known
         if worker not in self.workload.workers:
             return error_response(404, "unknown_worker", f"worker {worker!r} is not registered; register again")
         return json_response(200, self.scheduler.heartbeat(worker, body.leases))
@@ -227,6 +226,7 @@ class WorkloadApi:
         body = decode_body(request.body or b"{}", LeaseBody)
         if not 1 <= body.max <= 1024:
             raise BadRequest(422, "invalid", "max: must be in [1, 1024]")
+        self.scheduler.require_leader()
         if worker not in self.workload.workers:
             return error_response(404, "unknown_worker", f"worker {worker!r} is not registered; register again")
         leases = await self.scheduler.lease(worker, body.max, body.wait_s)
