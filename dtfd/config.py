@@ -10,11 +10,15 @@ from __future__ import annotations
 
 import tomllib
 from pathlib import Path
+from typing import TypeVar
 
 import msgspec
 
 EX_CONFIG = 78
 DEFAULT_PATH = "/etc/dtf/dtfd.toml"
+
+
+S = TypeVar("S", bound=msgspec.Struct)
 
 
 class ConfigError(Exception):
@@ -113,7 +117,8 @@ def parse_address(text: str, key: str) -> tuple[str, int]:
     return host, int(port)
 
 
-def load(path: str | Path, node_id: str) -> NodeConfig:
+def read_strict(path: str | Path, kind: type[S]) -> S:
+    """A TOML file as `kind`; every problem is a ConfigError naming the file and the key."""
     path = Path(path)
     try:
         raw = tomllib.loads(path.read_text())
@@ -124,9 +129,13 @@ def load(path: str | Path, node_id: str) -> NodeConfig:
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: invalid TOML: {exc}") from None
     try:
-        config = msgspec.convert(raw, Config)
+        return msgspec.convert(raw, kind)
     except msgspec.ValidationError as exc:
         raise ConfigError(f"{path}: {_readable(str(exc))}") from None
+
+
+def load(path: str | Path, node_id: str) -> NodeConfig:
+    config = read_strict(path, Config)
     try:
         return _resolve(config, node_id)
     except ConfigError as exc:

@@ -98,6 +98,19 @@ def write_configs(
     return ClusterFiles(directory, config, ids, api, admin, reader, worker, (tls or {}).get("ca_file", ""))
 
 
+def write_worker_config(files: ClusterFiles, worker_id: str, labels: dict[str, str] | None = None, slots: int = 2) -> Path:
+    """A dtf-worker config pointing at every node of `files`, with its own work dir."""
+    config = {
+        "coordinator": {"urls": [f"{files.scheme}://{a}" for a in files.api.values()], "token": files.worker_token},
+        "worker": {"id": worker_id, "labels": labels or {"os": "linux"}, "slots": slots, "work_dir": str(files.directory / "work" / worker_id)},
+    }
+    if files.ca_file:
+        config["coordinator"]["ca_file"] = files.ca_file
+    path = files.directory / f"{worker_id}.toml"
+    _write_private(path, tomli_w.dumps(config))
+    return path
+
+
 @dataclass
 class LocalCluster:
     files: ClusterFiles
@@ -120,6 +133,20 @@ class LocalCluster:
         for node in self.files.node_ids:
             self.start(node)
 
+    def start_worker(self, config: Path) -> subprocess.Popen:
+        """A dtf-worker process for `config` (written by write_worker_config), named after its file."""
+        name = config.stem
+        log = open(self.files.directory / f"{name}.log", "ab")
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "dtfd.worker", "--config", str(config)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **self.env},
+        )
+        log.close()
+        self.procs[name] = proc
+        return proc
+
     def signal(self, node: str, signum: int) -> None:
         self.procs[node].send_signal(signum)
 
@@ -135,9 +162,18 @@ class LocalCluster:
         return proc.wait(timeout=timeout)
 
     def stop_all(self) -> None:
-        for node, proc in self.procs.items():
-            if proc.poll() is None:
-                self.stop(node)
+        """Workers first (they drain and deregister while the nodes still answer), then nodes."""
+        order = [n for n in self.procs if n not in self.files.node_ids] + [n for n in self.procs if n in self.files.node_ids]
+        for name in order:
+            if self.procs[name].poll() is None:
+                self.procs[name].send_signal(signal.SIGCONT)
+                self.procs[name].terminate()
+        for name in order:
+            try:
+                self.procs[name].wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.procs[name].kill()
+                self.procs[name].wait(timeout=10)
 
     def client(self, node: str, token: str | None = None) -> httpx.Client:
         headers = {"Authorization": f"Bearer {token or self.files.admin_token}"}
@@ -158,7 +194,7 @@ class LocalCluster:
 
     def wait_leader(self, timeout: float = 20, among: list[str] | None = None) -> str:
         """The leader every live node in `among` agrees on, waiting up to `timeout`."""
-        nodes = among or [n for n, p in self.procs.items() if p.poll() is None]
+        nodes = among or [n for n in self.files.node_ids if n in self.procs and self.procs[n].poll() is None]
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             views = [self.status(n) for n in nodes]

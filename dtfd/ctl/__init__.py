@@ -1,7 +1,9 @@
-"""dtfctl: the operator's CLI (lands with its issue)."""
+"""dtfctl: the operator's CLI."""
 
-from dtfd.cli import not_yet
+import sys
+
+from dtfd.ctl.cli import main as _main
 
 
 def main() -> int:
-    return not_yet("dtfctl")
+    return _main(sys.argv[1:])

@@ -18,7 +18,6 @@ import httpx
 import msgspec
 
 from dtfd import __version__
-from dtfd.raft import Role
 from dtfd.server import auth
 from dtfd.server.http import Request, Response, error_response, json_response
 from dtfd.server.metrics import CONTENT_TYPE, Metrics

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import hashlib
-import tomllib
 from pathlib import Path
 
 import msgspec
 
-from dtfd.config import ConfigError
+from dtfd.config import ConfigError, read_strict
 
 ROLES = ("admin", "worker", "reader")
 READ = frozenset(ROLES)
@@ -39,13 +38,7 @@ class Tokens:
 
 
 def load_tokens(path: str | Path) -> Tokens:
-    path = Path(path)
-    try:
-        parsed = msgspec.convert(tomllib.loads(path.read_text()), TokensFile)
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: no such file (api.tokens_file)") from None
-    except (OSError, tomllib.TOMLDecodeError, msgspec.ValidationError) as exc:
-        raise ConfigError(f"{path}: {exc}") from None
+    parsed = read_strict(path, TokensFile)
     for n, token in enumerate(parsed.tokens):
         if token.role not in ROLES:
             raise ConfigError(f"{path}: tokens[{n}].role: {token.role!r} is not one of {', '.join(ROLES)}")

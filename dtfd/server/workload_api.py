@@ -15,7 +15,7 @@ import msgspec
 from dtfd.scheduler.scheduler import Scheduler
 from dtfd.scheduler.shedding import RateLimiter
 from dtfd.server import auth
-from dtfd.server.api import Api, BadRequest, ClientFields, Route, decode_body
+from dtfd.server.api import Api, BadRequest, ClientFields, decode_body
 from dtfd.server.http import Request, Response, error_response, json_response
 from dtfd.state import tasks as t
 from dtfd.state.machine import Envelope, Result

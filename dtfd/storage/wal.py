@@ -32,7 +32,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from dtfd.raft.messages import Entry, EntryKind
-from dtfd.storage.files import FsyncFn, WriteFn, fsync_dir, unlink_quietly, write_all, write_atomically
+from dtfd.storage.files import FsyncFn, WriteFn, fsync_dir, write_all, write_atomically
 from dtfd.storage.interface import StorageCorrupt, StorageFailed
 
 log = logging.getLogger("dtf.storage")

@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import os
 import socket
-import tomllib
 from pathlib import Path
 from urllib.parse import urlsplit
 
 import msgspec
 import psutil
 
-from dtfd.config import ConfigError, Strict, _readable, parse_address
+from dtfd.config import ConfigError, Strict, parse_address, read_strict
 
 DEFAULT_PATH = "/etc/dtf/worker.toml"
 MIN_TOKEN_CHARS = 16  # what dtfd's tokens file demands
@@ -71,19 +70,7 @@ class WorkerConfig(msgspec.Struct, frozen=True):
 
 
 def load(path: str | Path) -> WorkerConfig:
-    path = Path(path)
-    try:
-        raw = tomllib.loads(path.read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: no such file") from None
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path}: invalid TOML: {exc}") from None
-    try:
-        config = msgspec.convert(raw, Config)
-    except msgspec.ValidationError as exc:
-        raise ConfigError(f"{path}: {_readable(str(exc))}") from None
+    config = read_strict(path, Config)
     try:
         return _resolve(config)
     except ConfigError as exc:
