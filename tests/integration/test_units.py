@@ -16,17 +16,22 @@ UNITS = Path(__file__).resolve().parents[2] / "units"
 
 @pytest.fixture
 def units(tmp_path: Path) -> Path:
-    """The units with ExecStart pointing at this checkout's dtfd, and an instance of the template."""
-    dtfd = shutil.which("dtfd") or str(Path(__file__).resolve().parents[2] / ".venv" / "bin" / "dtfd")
+    """The units with ExecStart pointing at this checkout's programs, and an instance of each template."""
+    bin_dir = Path(__file__).resolve().parents[2] / ".venv" / "bin"
+    programs = {name: shutil.which(name) or str(bin_dir / name) for name in ("dtf-worker", "dtfd")}
     for unit in UNITS.iterdir():
-        (tmp_path / unit.name).write_text(unit.read_text().replace("/usr/bin/dtfd", dtfd))
+        text = unit.read_text()
+        for name, path in programs.items():
+            text = text.replace(f"/usr/bin/{name}", path)
+        (tmp_path / unit.name).write_text(text)
     (tmp_path / "dtfd@node1.service").symlink_to(tmp_path / "dtfd@.service")
+    (tmp_path / "dtf-worker@w1.service").symlink_to(tmp_path / "dtf-worker@.service")
     return tmp_path
 
 
 def test_units_pass_systemd_analyze_verify(units):
     result = subprocess.run(
-        ["systemd-analyze", "verify", "--man=no", "dtfd@node1.service", "dtf.target"],
+        ["systemd-analyze", "verify", "--man=no", "dtfd@node1.service", "dtf-worker@w1.service", "dtf.target"],
         cwd=units, capture_output=True, text=True, timeout=60,
     )
     assert result.returncode == 0, result.stderr
