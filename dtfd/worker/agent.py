@@ -32,6 +32,25 @@ REFUSED_REGISTRATION = frozenset({401, 403, 422})
 BAD_INPUT = frozenset({400, 413, 422})  # a result the coordinator will never take as sent
 
 
+SHRUNK_OUTPUT_BYTES = 8192
+SHRUNK_JUNIT_CASES = 200
+
+
+def shrink(result: Result) -> Result | None:
+    """A smaller result that still says what happened: the output's tail, failures first; None if already minimal."""
+    if len(result.output_tail) <= SHRUNK_OUTPUT_BYTES and len(result.junit) <= SHRUNK_JUNIT_CASES:
+        return None
+    cases = sorted(result.junit, key=lambda case: case.status == "passed")[:SHRUNK_JUNIT_CASES]
+    note = f"result shrunk to fit the coordinator's body limit ({len(result.junit)} JUnit cases, {len(result.output_tail)} output bytes)"
+    return msgspec.structs.replace(
+        result,
+        output_tail=result.output_tail[-SHRUNK_OUTPUT_BYTES:],
+        truncated=True,
+        junit=cases,
+        reason="; ".join(filter(None, (result.reason, note))),
+    )
+
+
 class Lease(msgspec.Struct, kw_only=True):
     lease_id: str
     task_id: str
@@ -331,7 +350,13 @@ class Agent:
         if len(batch) > 1:
             self.one_at_a_time = True
             return 0
-        result = self.pending.pop(batch[0]["lease_id"])
+        result = self.pending[batch[0]["lease_id"]]
+        smaller = shrink(result) if exc.status == 413 else None
+        if smaller is not None:  # too big for the coordinator's body limit: send less, never nothing
+            self.pending[result.lease_id] = smaller
+            log.warning("result too large; resending it shrunk %s", fields(task=result.task_id, lease=result.lease_id))
+            return 1
+        del self.pending[result.lease_id]
         log.error("result refused; dropped %s", fields(task=result.task_id, lease=result.lease_id, error=exc))
         return 1
 

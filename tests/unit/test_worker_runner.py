@@ -181,3 +181,18 @@ async def test_unusable_junit_report_is_a_reason_not_a_crash(tmp_path):
     assert "junit: refused unsafe XML" in result.reason
     missing = await _run(tmp_path, ["true"], junit="report.xml").run()
     assert missing.reason == "junit: report.xml was not written"
+
+
+def test_a_result_too_large_for_the_coordinator_is_shrunk_not_dropped():
+    from dtfd.state.tasks import JUnitCase
+    from dtfd.worker.agent import SHRUNK_JUNIT_CASES, SHRUNK_OUTPUT_BYTES, shrink
+    from dtfd.worker.runner import Result
+
+    cases = [JUnitCase(f"t{n}", "c", "passed", 0.1) for n in range(1000)] + [JUnitCase("broken", "c", "failed", 0.1, "boom")]
+    big = Result(task_id="t", lease_id="l", status="failed", exit_code=1, output_tail="x" * 100_000 + "END", junit=cases)
+    small = shrink(big)
+    assert small is not None and small.status == "failed" and small.exit_code == 1
+    assert small.output_tail.endswith("END") and len(small.output_tail) == SHRUNK_OUTPUT_BYTES and small.truncated
+    assert len(small.junit) == SHRUNK_JUNIT_CASES and small.junit[0].name == "broken"  # failures kept first
+    assert "shrunk" in small.reason
+    assert shrink(small) is None  # already minimal: the caller drops it rather than loop
