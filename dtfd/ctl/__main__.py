@@ -1,0 +1,5 @@
+import sys
+
+from dtfd.ctl import main
+
+sys.exit(main())

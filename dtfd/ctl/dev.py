@@ -1,0 +1,143 @@
+"""`dtfctl dev up` and `dtfctl demo`: a real local cluster, no root, no systemd.
+
+Every child is a real dtfd or dtf-worker process on loopback. On Ctrl-C or SIGTERM the
+workers are stopped first (they drain and deregister), then the nodes; nothing is left.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import signal
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from rich.console import Console, Group
+from rich.live import Live
+from rich.text import Text
+
+from dtfd.ctl import render
+from dtfd.ctl.cli import cluster_view
+from dtfd.ctl.client import Client, CtlError, Target
+from dtfd.devcluster import LocalCluster, write_configs, write_worker_config
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "demo-suite"
+GENERATED_TASKS = 16  # quick passing tasks beside the example suite, so the run has a middle to fail over in
+
+
+class _Stop(Exception):
+    pass
+
+
+def _raise_stop(signum: int, frame: object) -> None:
+    raise _Stop
+
+
+def start(directory: Path, nodes: int, workers: int, console: Console) -> tuple[LocalCluster, Client]:
+    files = write_configs(directory, nodes=nodes)
+    cluster = LocalCluster(files)
+    cluster.start_all()
+    for n in range(workers):
+        labels = {"os": "linux", "pool": "even" if n % 2 == 0 else "odd"}
+        cluster.start_worker(write_worker_config(files, f"worker{n + 1}", labels=labels, slots=2))
+    try:
+        cluster.wait_leader(timeout=30)
+    except TimeoutError as exc:
+        cluster.stop_all()
+        raise CtlError(f"the local cluster did not elect a leader: {exc} (logs in {directory})") from None
+    client = Client(Target([f"http://{a}" for a in files.api.values()], files.admin_token))
+    return cluster, client
+
+
+def up(args: argparse.Namespace, console: Console) -> int:
+    directory = Path(args.dir).resolve() if args.dir else Path(tempfile.mkdtemp(prefix="dtf-dev-"))
+    previous = signal.signal(signal.SIGTERM, _raise_stop)
+    cluster, client = start(directory, args.nodes, args.workers, console)
+    try:
+        urls = ",".join(client.target.urls)
+        console.print(render.status(cluster_view(client)))
+        console.print(
+            f"\nConfigs, data and logs: {directory}\nPoint dtfctl at it:\n"
+            f"  export DTF_CLUSTER={urls}\n  export DTF_TOKEN={cluster.files.admin_token}\n"
+            "Ctrl-C stops everything."
+        )
+        while True:
+            for name, proc in cluster.procs.items():
+                if proc.poll() is not None:
+                    raise CtlError(f"{name} exited with {proc.returncode}; see {directory / (name + '.log')}")
+            time.sleep(0.5)
+    except (KeyboardInterrupt, _Stop):
+        console.print("stopping the local cluster...")
+        return 0
+    finally:
+        client.close()
+        cluster.stop_all()
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _demo_specs(suite: Path, state: Path) -> list[dict]:
+    python = sys.executable
+    env = {"DTF_DEMO_STATE": str(state), "DTF_DEMO_RUN": state.name}
+    specs = []
+    for module in sorted(suite.glob("test_*.py")):
+        name = module.stem.removeprefix("test_")
+        specs.append({
+            "name": name,
+            "argv": [python, "-m", "pytest", "-q", "-p", "no:cacheprovider", module.name, f"--junitxml=reports/{name}.xml"],
+            "cwd": str(suite), "env": env, "junit": f"reports/{name}.xml", "timeout_s": 120,
+            "max_retries": 1, "backoff": {"base_s": 0.2, "max_s": 1.0},
+        })
+    for n in range(GENERATED_TASKS):
+        specs.append({"name": f"shard-{n}", "argv": [python, "-c", f"import time; time.sleep(0.{n % 5 + 2})"],
+                      "timeout_s": 60, "requirements": {"labels": {"pool": "even" if n % 2 else "odd"}}})
+    return specs
+
+
+def demo(console: Console) -> int:
+    work = Path(tempfile.mkdtemp(prefix="dtf-demo-"))
+    suite = work / "suite"
+    shutil.copytree(EXAMPLES, suite)
+    (work / "state").mkdir()
+    console.print(Text("dtf demo: 3 coordinators, 4 workers, a test run, a leader crash halfway.", style="bold"))
+    cluster, client = start(work / "cluster", 3, 4, console)
+    try:
+        specs = _demo_specs(suite, work / "state")
+        answer = client.request("POST", "/v1/tasks", json={"tasks": specs, "run_id": "demo"})
+        console.print(f"submitted {len(answer['tasks'])} tasks as run demo (pytest modules with JUnit reports, and shards)")
+        killed = ""
+        with Live(console=console, refresh_per_second=4) as live:
+            while True:
+                summary = client.request("GET", "/v1/runs/demo", params={"stale": "ok"}, deadline_s=60)
+                done = sum(n for s, n in summary["states"].items() if s in render.TERMINAL)
+                view = cluster_view(client)
+                line = Text(f"run demo: {done}/{summary['total']} finished " + ", ".join(f"{n} {s}" for s, n in sorted(summary["states"].items())))
+                note = Text(f"killed the leader {killed} (kill -9) halfway through the run", style="bold yellow") if killed else Text("")
+                live.update(Group(render.status(view), line, note))
+                if not killed and done >= summary["total"] // 2 and view["leader"]:
+                    killed = view["leader"]
+                    cluster.kill(killed)
+                if summary["done"]:
+                    break
+                time.sleep(0.25)
+        console.print()
+        tasks = client.request("GET", "/v1/tasks", params={"run": "demo", "limit": "500"})["tasks"]
+        results = [client.request("GET", f"/v1/tasks/{t['id']}", params={"stale": "ok"}) for t in tasks]
+        terminal_records = [sum(1 for h in task["history"] if h["to_state"] in render.TERMINAL) for task in results]
+        lost = sum(1 for task in results if task["state"] not in render.TERMINAL or task["state"] == "lost")
+        console.print(render.run(client.request("GET", "/v1/runs/demo")))
+        console.print(render.history(client.request("GET", "/v1/history")))
+        retried = sum(1 for task in results if task["attempt"] > 1)
+        once = all(n == 1 for n in terminal_records)
+        verdict = Text(
+            f"{len(results)} tasks: {lost} lost, every result recorded {'exactly once' if once else 'MORE THAN ONCE'}, "
+            f"{retried} retried; leader {killed} was killed mid-run and the run finished anyway.",
+            style="bold green" if lost == 0 and once else "bold red",
+        )
+        console.print(verdict)
+        return 0 if lost == 0 and once and len(results) == len(specs) else 1
+    finally:
+        client.close()
+        cluster.stop_all()
+        shutil.rmtree(work, ignore_errors=True)
