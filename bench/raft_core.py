@@ -25,6 +25,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from dtfd.raft import Config, Message, Raft, Role  # noqa: E402
+from dtfd.storage.interface import write_ready  # noqa: E402
 from dtfd.storage.memory import MemoryStorage  # noqa: E402
 
 IDS = ("n1", "n2", "n3")
@@ -62,12 +63,7 @@ class Cluster:
         r, storage = self.nodes[i], self.storage[i]
         while r.has_ready():
             rd = r.ready()
-            if rd.snapshot:
-                storage.install_snapshot(rd.snapshot)
-            if rd.entries:
-                storage.append(rd.entries)
-            if rd.hard_state:
-                storage.set_hard_state(rd.hard_state)
+            write_ready(storage, rd)
             if rd.must_sync:
                 storage.sync()
             self.inbox.extend(rd.messages)

@@ -20,7 +20,7 @@ from dtfd.journal import fields
 from dtfd.raft import Config as RaftConfig
 from dtfd.raft import EntryKind, Message, NotLeader, Proposed, Raft, Ready, Refused, Role
 from dtfd.state.machine import Envelope, Result, StateMachine, encode_envelope
-from dtfd.storage.interface import LogStorage
+from dtfd.storage.interface import LogStorage, write_ready
 
 log = logging.getLogger("dtf.node")
 
@@ -184,15 +184,9 @@ class Node:
                 await self._maybe_compact()
 
     def _persist(self, rd: Ready) -> None:
-        storage = self.storage
-        if rd.snapshot:
-            storage.install_snapshot(rd.snapshot)
-        if rd.entries:
-            storage.append(rd.entries)
-        if rd.hard_state:
-            storage.set_hard_state(rd.hard_state)
+        write_ready(self.storage, rd)
         started = time.monotonic()
-        storage.sync()
+        self.storage.sync()
         self._observe_sync(time.monotonic() - started)
 
     def _apply(self, rd: Ready) -> None:

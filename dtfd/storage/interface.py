@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from typing import Protocol
 
 from dtfd.raft.messages import Entry, HardState, PersistedState, Snapshot
+from dtfd.raft.ready import Ready
 
 EX_DATAERR = 65  # corrupt data: the node refuses to start (sysexits.h)
 EX_NOINPUT = 66  # no data directory
@@ -55,3 +56,13 @@ class LogStorage(Protocol):
         """Make everything written so far durable."""
 
     def close(self) -> None: ...
+
+
+def write_ready(storage: LogStorage, rd: Ready) -> None:
+    """Copy what a Ready asks to persist, in the order its contract gives; the caller syncs."""
+    if rd.snapshot:
+        storage.install_snapshot(rd.snapshot)
+    if rd.entries:
+        storage.append(rd.entries)
+    if rd.hard_state:
+        storage.set_hard_state(rd.hard_state)

@@ -11,6 +11,7 @@ import httpx
 import pytest
 
 from dtfd.devcluster import LocalCluster, write_configs
+from tests.integration.support import running
 
 pytestmark = pytest.mark.integration
 STATUS_KEYS = {"verdict", "exit_code", "leader", "term", "quorum", "tasks", "workers", "problems", "nodes"}
@@ -25,13 +26,8 @@ def dtfctl(cluster: LocalCluster, *args: str, token: str | None = None, timeout:
 
 @pytest.fixture
 def cluster(tmp_path):
-    local = LocalCluster(write_configs(tmp_path))
-    local.start_all()
-    try:
-        local.wait_leader()
+    with running(write_configs(tmp_path)) as local:
         yield local
-    finally:
-        local.stop_all()
 
 
 def _status(cluster: LocalCluster) -> tuple[int, dict]:

@@ -9,6 +9,8 @@ import httpx
 import pytest
 
 from dtfd.devcluster import LocalCluster, write_configs
+from tests.integration.support import running
+from tests.integration.support import until as _until
 
 pytestmark = pytest.mark.integration
 FAST = {"heartbeat_s": 0.25, "lost_after_s": 1.0, "submit_rate_per_s": 5.0, "submit_burst": 30}
@@ -16,23 +18,8 @@ FAST = {"heartbeat_s": 0.25, "lost_after_s": 1.0, "submit_rate_per_s": 5.0, "sub
 
 @pytest.fixture
 def cluster(tmp_path):
-    local = LocalCluster(write_configs(tmp_path, workload=FAST))
-    local.start_all()
-    try:
-        local.wait_leader()
+    with running(write_configs(tmp_path, workload=FAST)) as local:
         yield local
-    finally:
-        local.stop_all()
-
-
-def _until(predicate, timeout: float = 20, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise TimeoutError(f"{what} not reached within {timeout}s")
 
 
 class Worker:
