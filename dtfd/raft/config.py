@@ -34,6 +34,10 @@ class Config:
     max_bytes_per_msg: int = 1 << 20
     max_inflight: int = 64
     snapshot_chunk: int = 1 << 20
+    # > 0: this node's data was reset (state transfer). It may have voted in any term up to
+    # this one, so it neither votes nor campaigns until it has caught up with a leader of a
+    # later term.
+    rejoin_term: int = 0
     planted_bugs: frozenset[str] = field(default_factory=frozenset)
 
     def __post_init__(self) -> None:

@@ -72,6 +72,7 @@ class Raft:
         self._incoming: tuple[SnapshotMeta, bytearray] | None = None
         self._append_due = False
         self._outstanding = False
+        self.rejoining = config.rejoin_term > 0
         self._become_follower(self.term, NONE)
 
     # ---- local requests -------------------------------------------------
@@ -227,6 +228,7 @@ class Raft:
             last_index=self.log.last_index,
             snapshot_index=self.log.snapshot_index,
             transferee=self.transferee,
+            rejoining=self.rejoining,
             progress=progress,
             dropped=dict(self.dropped),
         )
@@ -302,7 +304,7 @@ class Raft:
         )
         up_to_date = "vote_any_log" in self._bugs or self.log.is_up_to_date(m.index, m.log_term)
         response = T.PRE_VOTE_RESP if pre else T.VOTE_RESP
-        if can_vote and up_to_date and m.src in self.voters:
+        if can_vote and up_to_date and m.src in self.voters and not self.rejoining:
             self._send(response, m.src, term=m.term)
             if not pre:
                 self._election_elapsed = 0
@@ -327,6 +329,8 @@ class Raft:
             self.leader = m.src
             if m.type is T.APPEND:
                 self._handle_append(m)
+                if self.rejoining and m.term > self.config.rejoin_term and self.log.committed >= m.commit:
+                    self.rejoining = False  # caught up with a leader of a term we never voted in
             elif m.type is T.HEARTBEAT:
                 self.log.commit_to(min(m.commit, self.log.last_index))
                 self._send(T.HEARTBEAT_RESP, m.src, context=m.context)
@@ -592,7 +596,7 @@ class Raft:
     # ---- roles and time ---------------------------------------------------
 
     def _promotable(self) -> bool:
-        return self.id in self.voters
+        return self.id in self.voters and not self.rejoining
 
     def _tick_election(self) -> None:
         self._election_elapsed += 1

@@ -98,5 +98,6 @@ class Status:
     last_index: int
     snapshot_index: int
     transferee: NodeId
+    rejoining: bool = False
     progress: dict[NodeId, PeerProgress] = field(default_factory=dict)
     dropped: dict[str, int] = field(default_factory=dict)

@@ -196,6 +196,7 @@ class Api:
                 "applied_index": node.machine.applied,
                 "last_index": status.last_index,
                 "snapshot_index": status.snapshot_index,
+                "rejoining": status.rejoining,
                 "checksum": node.checksum(),
                 "peers": peers,
                 "uptime_s": round(time.monotonic() - node.started, 3),

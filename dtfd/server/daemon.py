@@ -30,7 +30,7 @@ from dtfd.server.notify import Notifier
 from dtfd.server.recorder import Recorder
 from dtfd.server.transport import Transport
 from dtfd.server.workload_api import WorkloadApi
-from dtfd.storage.datadir import open_or_exit
+from dtfd.storage.datadir import clear_rejoin, open_or_exit, rejoin_term
 from dtfd.storage.interface import EX_IOERR, StorageFailed
 
 log = logging.getLogger("dtf.daemon")
@@ -45,7 +45,7 @@ class StartupError(Exception):
         self.code = code
 
 
-def raft_config(cfg: config.NodeConfig) -> RaftConfig:
+def raft_config(cfg: config.NodeConfig, rejoin_term: int = 0) -> RaftConfig:
     raft = cfg.config.raft
     return RaftConfig(
         id=cfg.node.id,
@@ -60,6 +60,7 @@ def raft_config(cfg: config.NodeConfig) -> RaftConfig:
         max_entries_per_msg=raft.max_entries_per_msg,
         max_bytes_per_msg=raft.max_bytes_per_msg,
         snapshot_chunk=raft.snapshot_chunk_bytes,
+        rejoin_term=rejoin_term,
     )
 
 
@@ -102,7 +103,7 @@ async def serve(cfg: config.NodeConfig, config_path: str) -> int:
         transport = Transport(cfg.node.id, peers, secret, send, server_ssl=server_ssl, client_ssl=client_ssl)
         timing = Timing(cfg.config.raft.tick_ms / 1000, cfg.config.raft.snapshot_every_entries)
         metrics = Metrics()
-        node = Node(raft_config(cfg), storage, timing, transport.send, metrics.fsync_seconds.observe)
+        node = Node(raft_config(cfg, rejoin_term(str(cfg.data_dir))), storage, timing, transport.send, metrics.fsync_seconds.observe)
         metrics.watch(node, transport)
         api = Api(node, metrics, tokens, {n.id: n.api for n in cfg.config.cluster.nodes}, client_ssl)
         w = cfg.config.workload
@@ -122,6 +123,7 @@ async def serve(cfg: config.NodeConfig, config_path: str) -> int:
                 nursery.start_soon(recorder.run)
                 nursery.start_soon(http.serve, api.handle, api_listeners, limits)
                 nursery.start_soon(_watchdog, node, notifier)
+                nursery.start_soon(_until_rejoined, node, str(cfg.data_dir))
                 notifier.ready()
                 notifier.status(_status_line(node))
                 log.info("dtfd started %s", fields(node=cfg.node.id, api=cfg.node.api, peer=cfg.node.peer, data_dir=cfg.data_dir))
@@ -145,6 +147,17 @@ async def serve(cfg: config.NodeConfig, config_path: str) -> int:
 async def _deliver(inbox: trio.MemoryReceiveChannel[Message], node: Node) -> None:
     async for message in inbox:
         node.step(message)
+
+
+async def _until_rejoined(node: Node, data_dir: str) -> None:
+    """A reseeded node drops its REJOIN marker once caught up, so a restart does not re-impose it."""
+    if not node.core.rejoining:
+        return
+    log.warning("rejoining after a reseed: not voting until caught up %s", fields(node=node.id, rejoin_term=node.core.config.rejoin_term))
+    while node.core.rejoining:
+        await trio.sleep(0.2)
+    await trio.to_thread.run_sync(clear_rejoin, data_dir)
+    log.info("rejoined: caught up with a leader of a later term, voting again %s", fields(node=node.id, term=node.core.term))
 
 
 async def _watchdog(node: Node, notifier: Notifier) -> None:

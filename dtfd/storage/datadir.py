@@ -24,12 +24,13 @@ from dataclasses import dataclass, field
 from dtfd.raft.messages import NONE, Entry, HardState, PersistedState, Snapshot
 from dtfd.storage import hardstate, snapshots
 from dtfd.storage.interface import EX_DATAERR, EX_IOERR, EX_TEMPFAIL, StorageCorrupt, StorageFailed
-from dtfd.storage.files import FsyncFn, WriteFn, fsync_dir
+from dtfd.storage.files import FsyncFn, WriteFn, fsync_dir, unlink_quietly, write_atomically
 from dtfd.storage.wal import SEGMENT_SIZE, Finding, Wal, WalScan, scan
 
 log = logging.getLogger("dtf.storage")
 
 LOCK_FILE = "LOCK"
+REJOIN_FILE = "REJOIN"  # present after a reseed: the term up to which this node may have voted
 COMMIT_WRITE_INTERVAL_S = 1.0
 WAL_DIR = "wal"
 SNAP_DIR = "snap"
@@ -316,3 +317,50 @@ def open_or_exit(data_dir: str, **options) -> DiskStorage:
     except (OSError, StorageFailed) as e:
         log.critical("cannot open data dir %s: %s", data_dir, e)
         raise SystemExit(EX_IOERR) from None
+
+
+def reseed(data_dir: str, min_term: int = 0) -> dict:
+    """Move a (damaged) data dir aside and leave an empty one that rejoins without voting.
+
+    The node may have voted in any term up to the last it knew, so the new dir records that
+    term (or `min_term`, the cluster's current term, if higher or if the old hard state is
+    unreadable); dtfd then neither votes nor campaigns until it has caught up with a leader
+    of a later term. Nothing is deleted: the old dir is kept as DIR.backup-<UTC time>.
+    """
+    data_dir = os.path.abspath(data_dir)
+    if not os.path.isdir(data_dir):
+        raise FileNotFoundError(f"no data dir {data_dir}")
+    fd = lock(data_dir)  # refuses while a node has it open
+    try:
+        try:
+            stored = hardstate.read(data_dir)
+            old_term = stored.term if stored else None
+        except (StorageCorrupt, OSError):
+            old_term = None
+    finally:
+        os.close(fd)
+    if old_term is None and min_term <= 0:
+        raise StorageCorrupt(os.path.join(data_dir, hardstate.FILENAME), None, "unreadable: pass the cluster's current term (--term)")
+    term = max(old_term or 0, min_term)
+    backup = f"{data_dir}.backup-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}"
+    os.rename(data_dir, backup)
+    os.makedirs(data_dir, mode=0o700)
+    write_atomically(os.path.join(data_dir, REJOIN_FILE), f"{term}\n".encode())
+    fsync_dir(os.path.dirname(data_dir))
+    log.warning("data dir reseeded %s", f"data_dir={data_dir} backup={backup} rejoin_term={term}")
+    return {"data_dir": data_dir, "backup": backup, "rejoin_term": term, "old_term": old_term}
+
+
+def rejoin_term(data_dir: str) -> int:
+    """The term a reseeded node must see a leader beyond before it votes; 0 if not reseeded."""
+    try:
+        return int(open(os.path.join(data_dir, REJOIN_FILE)).read().strip() or 0)
+    except FileNotFoundError:
+        return 0
+    except ValueError:
+        raise StorageCorrupt(os.path.join(data_dir, REJOIN_FILE), None, "not a term number") from None
+
+
+def clear_rejoin(data_dir: str) -> None:
+    unlink_quietly(os.path.join(data_dir, REJOIN_FILE))
+    fsync_dir(data_dir)

@@ -201,11 +201,11 @@ class Net:
     def crash(self, id: str) -> None:
         self.nodes[id].raft = None
 
-    def restart(self, id: str) -> Raft:
-        """Start `id` again from its record; the app restores from the persisted snapshot."""
+    def restart(self, id: str, **overrides) -> Raft:
+        """Start `id` again from its record (config `overrides` apply); the app restores from the snapshot."""
         node = self.nodes[id]
         node.restarts += 1
-        node.config = dataclasses.replace(node.config, rng=random.Random(f"{self.seed}/{id}/{node.restarts}"))
+        node.config = dataclasses.replace(node.config, rng=random.Random(f"{self.seed}/{id}/{node.restarts}"), **overrides)
         node.raft = Raft(node.config, node.persisted())
         node.applied, node.restored = [], [node.snapshot] if node.snapshot else []
         self.process(id)

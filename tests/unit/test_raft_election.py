@@ -2,7 +2,7 @@
 
 import pytest
 
-from dtfd.raft import Message, Raft, Role
+from dtfd.raft import HardState, Message, Raft, Role
 
 from tests.unit.raft_net import MT, Net, drain, first_campaign_tick, make_config, make_raft, sent, stored_log
 
@@ -171,3 +171,32 @@ def test_follower_that_heard_from_the_leader_recently_does_not_stand_on_a_behind
     messages = sent(drain(node))
     assert [m.type for m in messages] == [MT.PRE_VOTE_RESP] and messages[0].reject
     assert node.role is Role.FOLLOWER
+
+
+def test_a_reseeded_node_neither_votes_nor_campaigns_until_caught_up_with_a_later_leader():
+    """After a state transfer the node may already have voted in terms up to rejoin_term: no double votes."""
+    net = Net(3)
+    net.elect("n1")
+    net.propose("n1", b"before")
+    old_term = net.raft("n1").term
+    net.crash("n3")
+    wiped = net.nodes["n3"]
+    wiped.hard_state, wiped.entries, wiped.snapshot = HardState(), [], None  # data dir moved aside: empty, term 0
+    net.restart("n3", rejoin_term=old_term)
+    n3 = net.raft("n3")
+    assert n3.rejoining
+    n3.step(Message(type=MT.VOTE, src="n2", dst="n3", term=old_term, index=10, log_term=old_term))
+    (reply,) = [m for m in sent(drain(n3)) if m.type == MT.VOTE_RESP]
+    assert reply.reject  # it might have voted in this term before the reset
+    for _ in range(100):
+        n3.tick()
+    assert n3.role is Role.FOLLOWER  # and it does not stand either
+    net.tick(5)
+    assert n3.rejoining  # a leader of the old term is not enough
+    # A leader of a later term brings it up to date. (Not with n1 down as well: without n3's
+    # vote, n2 and n1 are the only quorum, which is why recoveryd never reseeds a needed vote.)
+    net.raft("n1").transfer_leadership("n2")
+    net.tick_until(lambda: net.raft("n2").role is Role.LEADER)
+    net.propose("n2", b"after")
+    net.tick(10)
+    assert not n3.rejoining and n3.log.committed == net.raft("n2").log.committed
