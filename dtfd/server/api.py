@@ -7,6 +7,7 @@ through ReadIndex unless `?stale=ok`. Every error is `{"error": {"code", "messag
 
 from __future__ import annotations
 
+import math
 import re
 import ssl
 import time
@@ -18,6 +19,7 @@ import httpx
 import msgspec
 
 from dtfd import __version__
+from dtfd.scheduler.shedding import RateLimiter
 from dtfd.server import auth
 from dtfd.server.http import Request, Response, error_response, json_response
 from dtfd.server.metrics import CONTENT_TYPE, Metrics
@@ -26,6 +28,8 @@ from dtfd.state.machine import Batch, Command, CompareAndSet, Delete, Envelope, 
 
 FORWARDED = "x-dtf-forwarded"
 FORWARD_TIMEOUT_S = 30.0  # above the longest long-poll a worker may ask for
+AUTH_FAILURE_BURST = 20.0  # failed authentications one address may make at once ...
+AUTH_FAILURES_PER_S = 1.0  # ... and per second after that, before getting 429
 MAX_KEY = 256
 
 
@@ -91,6 +95,7 @@ class Api:
         self.api_addresses = api_addresses
         self.draining = False
         self.in_flight = 0
+        self.auth_failures = RateLimiter(rate_per_s=AUTH_FAILURES_PER_S, burst=AUTH_FAILURE_BURST)
         self.scheme = "https" if client_ssl else "http"
         self.forwarder = httpx.AsyncClient(timeout=FORWARD_TIMEOUT_S, verify=client_ssl or True)
         r = re.compile
@@ -142,6 +147,11 @@ class Api:
         if route.roles is not None:
             token = self.tokens.identify(request.headers.get("authorization", ""))
             if token is None:
+                address = request.peer.rpartition(":")[0]
+                wait = self.auth_failures.retry_after(address)
+                if wait:  # guessing tokens from one address: slow it down
+                    return error_response(429, "too_many_failures", "too many failed authentications from this address",
+                                          [("Retry-After", str(max(1, math.ceil(wait))))])
                 return error_response(401, "unauthorized", "missing or unknown bearer token", [("WWW-Authenticate", "Bearer")])
             if token.role not in route.roles:
                 return error_response(403, "forbidden", f"role {token.role} may not call {route.method} {route.name}")
