@@ -130,10 +130,17 @@ def workers(items: list[dict]) -> Table:
     return table
 
 
-def history(data: dict) -> Table:
+def history(data: dict) -> Group:
     table = Table(title="Leader changes", show_edge=False, header_style="bold")
     for column in ("At", "Term", "Leader"):
         table.add_column(column)
     for change in data["leaders"]:
         table.add_row(_when(change["at"]), str(change["term"]), change["node"])
-    return table
+    recoveries = Table(title="Recovery actions (recoveryd)", show_edge=False, header_style="bold")
+    for column in ("At", "Node", "Failure", "Action", "Result", "Took", "Reason"):
+        recoveries.add_column(column)
+    for event in data.get("recoveries", []):
+        result = Text(event["result"], style="green" if event["result"] in ("ok", "reported") else "red")
+        recoveries.add_row(_when(event["started"]), event["node"], event["failure"], event["action"], result,
+                           _duration(event["finished"] - event["started"]), event["reason"])
+    return Group(table, recoveries)

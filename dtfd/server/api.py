@@ -24,6 +24,7 @@ from dtfd.server import auth
 from dtfd.server.http import Request, Response, error_response, json_response
 from dtfd.server.metrics import CONTENT_TYPE, Metrics
 from dtfd.server.node import Node, NotLeaderError, Unavailable
+from dtfd.state.health import RecordRecovery
 from dtfd.state.machine import Batch, Command, CompareAndSet, Delete, Envelope, Put, SetConfig
 
 FORWARDED = "x-dtf-forwarded"
@@ -63,6 +64,18 @@ MAX_BATCH = 10_000
 
 class TransferBody(msgspec.Struct, forbid_unknown_fields=True):
     to: str = ""  # empty: the most caught-up follower
+
+
+class RecoveryBody(ClientFields):
+    """One finished recoveryd action, for the replicated history."""
+
+    node: str
+    failure: str
+    action: str
+    result: str
+    reason: str = ""
+    started: float = 0.0
+    finished: float = 0.0
 
 
 class BadRequest(Exception):
@@ -114,6 +127,7 @@ class Api:
             Route("PUT", r(f"/v1/config/{key}"), auth.ADMIN, self.config_put, "/v1/config/{key}"),
             Route("POST", r("/v1/leadership/transfer"), auth.ADMIN, self.transfer, "/v1/leadership/transfer"),
             Route("GET", r("/v1/history"), auth.READ, self.history, "/v1/history"),
+            Route("POST", r("/v1/recovery"), auth.ADMIN, self.recovery, "/v1/recovery"),
         ]
 
     def add_routes(self, routes: list[tuple[str, str, frozenset[str] | None, Callable[..., Awaitable[Response]], str]]) -> None:
@@ -264,7 +278,13 @@ class Api:
     async def history(self, request: Request) -> Response:
         if request.query.get("stale") != "ok":
             await self.node.read_barrier()
-        return json_response(200, {"leaders": msgspec.to_builtins(self.node.machine.image.health.leaders)})
+        health = self.node.machine.image.health
+        return json_response(200, {"leaders": msgspec.to_builtins(health.leaders), "recoveries": msgspec.to_builtins(health.recoveries)})
+
+    async def recovery(self, request: Request) -> Response:
+        body = decode_body(request.body, RecoveryBody)
+        event = {k: v for k, v in msgspec.structs.asdict(body).items() if k not in ("client", "seq")}
+        return await self._write(request, RecordRecovery(**event), body)
 
     async def transfer(self, request: Request) -> Response:
         body = decode_body(request.body or b"{}", TransferBody)
