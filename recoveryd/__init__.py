@@ -1,7 +1,12 @@
-"""recoveryd: probes coordinator nodes and repairs them (lands with its issue)."""
+"""recoveryd: probes every dtfd node and repairs it (restart, state transfer), recording every step.
 
-from dtfd.cli import not_yet
+Modules: config (the TOML file), executors (systemd units or local processes), probes
+(evidence), policy (verdicts, confirmation, limits), actions (idempotent, resumable
+steps), records (DuckDB, JSON lines, metrics), daemon (the decision loop and its HTTP).
+"""
 
 
 def main() -> int:
-    return not_yet("recoveryd")
+    from recoveryd.daemon import main as run
+
+    return run()

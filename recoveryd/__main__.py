@@ -1,0 +1,5 @@
+import sys
+
+from recoveryd import main
+
+sys.exit(main())
