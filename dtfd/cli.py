@@ -6,12 +6,6 @@ import argparse
 import sys
 
 
-def not_yet(program: str) -> int:
-    """Entry point of a program whose issue has not landed: say so and exit 2."""
-    print(f"{program}: not implemented yet", file=sys.stderr)
-    return 2
-
-
 def _reseed(data_dir: str, term: int) -> int:
     import json
 

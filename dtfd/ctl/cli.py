@@ -59,7 +59,7 @@ def build_parser() -> Parser:
     status.add_argument("--watch", action="store_true", help="refresh every second until Ctrl-C")
     switch = sub.add_parser("switchover", help="hand leadership to another node and wait for it")
     switch.add_argument("--to", default="", help="target node (default: the most caught-up follower)")
-    sub.add_parser("history", help="leader changes (and recovery actions, once recoveryd records them)")
+    sub.add_parser("history", help="leader changes and recovery actions, as the cluster recorded them")
 
     tasks = sub.add_parser("tasks", help="submit, list, show and cancel tasks").add_subparsers(dest="action", required=True, parser_class=_Sub)
     submit = tasks.add_parser("submit", help="argv after --, or --file with a whole run")
