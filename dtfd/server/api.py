@@ -20,7 +20,7 @@ import msgspec
 
 from dtfd import __version__
 from dtfd.scheduler.shedding import RateLimiter
-from dtfd.server import auth
+from dtfd.server import auth, openapi
 from dtfd.server.http import Request, Response, error_response, json_response
 from dtfd.server.metrics import CONTENT_TYPE, Metrics
 from dtfd.server.node import Node, NotLeaderError, Unavailable
@@ -91,6 +91,7 @@ class Route:
     roles: frozenset[str] | None  # None: no token needed (probes, metrics)
     handler: Callable[..., Awaitable[Response]]
     name: str
+    body: type[msgspec.Struct] | None = None  # decoded, validated and passed as `body`; also the OpenAPI schema
 
 
 class Api:
@@ -118,21 +119,23 @@ class Api:
             Route("GET", r("/ready"), None, self.ready, "/ready"),
             Route("GET", r("/leader"), None, self.leader, "/leader"),
             Route("GET", r("/metrics"), None, self.render_metrics, "/metrics"),
+            Route("GET", r("/v1/openapi.json"), None, self.openapi, "/v1/openapi.json"),
             Route("GET", r("/v1/status"), auth.READ, self.status, "/v1/status"),
             Route("GET", r(f"/v1/kv/{key}"), auth.READ, self.kv_get, "/v1/kv/{key}"),
-            Route("PUT", r(f"/v1/kv/{key}"), auth.ADMIN, self.kv_put, "/v1/kv/{key}"),
-            Route("DELETE", r(f"/v1/kv/{key}"), auth.ADMIN, self.kv_delete, "/v1/kv/{key}"),
-            Route("POST", r(f"/v1/kv/{key}/cas"), auth.ADMIN, self.kv_cas, "/v1/kv/{key}/cas"),
-            Route("POST", r("/v1/kv"), auth.ADMIN, self.kv_batch, "/v1/kv"),
-            Route("PUT", r(f"/v1/config/{key}"), auth.ADMIN, self.config_put, "/v1/config/{key}"),
-            Route("POST", r("/v1/leadership/transfer"), auth.ADMIN, self.transfer, "/v1/leadership/transfer"),
+            Route("PUT", r(f"/v1/kv/{key}"), auth.ADMIN, self.kv_put, "/v1/kv/{key}", PutBody),
+            Route("DELETE", r(f"/v1/kv/{key}"), auth.ADMIN, self.kv_delete, "/v1/kv/{key}", ClientFields),
+            Route("POST", r(f"/v1/kv/{key}/cas"), auth.ADMIN, self.kv_cas, "/v1/kv/{key}/cas", CasBody),
+            Route("POST", r("/v1/kv"), auth.ADMIN, self.kv_batch, "/v1/kv", BatchBody),
+            Route("PUT", r(f"/v1/config/{key}"), auth.ADMIN, self.config_put, "/v1/config/{key}", PutBody),
+            Route("POST", r("/v1/leadership/transfer"), auth.ADMIN, self.transfer, "/v1/leadership/transfer", TransferBody),
             Route("GET", r("/v1/history"), auth.READ, self.history, "/v1/history"),
-            Route("POST", r("/v1/recovery"), auth.ADMIN, self.recovery, "/v1/recovery"),
+            Route("POST", r("/v1/recovery"), auth.ADMIN, self.recovery, "/v1/recovery", RecoveryBody),
         ]
 
-    def add_routes(self, routes: list[tuple[str, str, frozenset[str] | None, Callable[..., Awaitable[Response]], str]]) -> None:
-        for method, pattern, roles, handler, name in routes:
-            self.routes.append(Route(method, re.compile(pattern), roles, handler, name))
+    def add_routes(self, routes: list[tuple]) -> None:
+        """(method, pattern, roles, handler, name[, body type]) for each route."""
+        for method, pattern, roles, handler, name, *body in routes:
+            self.routes.append(Route(method, re.compile(pattern), roles, handler, name, *body))
 
     async def handle(self, request: Request) -> Response:
         route, match = self._route(request)
@@ -159,11 +162,12 @@ class Api:
 
     async def _dispatch(self, route: Route, match: re.Match[str], request: Request) -> Response:
         if route.roles is not None:
-            token = self.tokens.identify(request.headers.get("authorization", ""))
+            presented = request.headers.get("authorization", "")
+            token = self.tokens.identify(presented)
             if token is None:
                 address = request.peer.rpartition(":")[0]
-                wait = self.auth_failures.retry_after(address)
-                if wait:  # guessing tokens from one address: slow it down
+                wait = self.auth_failures.retry_after(address) if presented else 0.0
+                if wait:  # wrong tokens from one address, again and again: guessing; slow it down
                     return error_response(429, "too_many_failures", "too many failed authentications from this address",
                                           [("Retry-After", str(max(1, math.ceil(wait))))])
                 return error_response(401, "unauthorized", "missing or unknown bearer token", [("WWW-Authenticate", "Bearer")])
@@ -171,7 +175,10 @@ class Api:
                 return error_response(403, "forbidden", f"role {token.role} may not call {route.method} {route.name}")
             request.principal = token.name
         try:
-            return await route.handler(request, **match.groupdict())
+            arguments: dict[str, object] = match.groupdict()
+            if route.body is not None:
+                arguments["body"] = decode_body(request.body or b"{}", route.body)
+            return await route.handler(request, **arguments)
         except BadRequest as exc:
             return error_response(exc.status, exc.code, str(exc))
         except NotLeaderError as exc:
@@ -197,6 +204,10 @@ class Api:
         if self.node.is_leader:
             return json_response(200, {"leader": self.node.id, "term": self.node.core.term})
         return error_response(503, "not_leader", self._leader_hint(self.node.core.leader))
+
+    async def openapi(self, request: Request) -> Response:
+        """This API's OpenAPI 3.1 document, generated from the routes it serves."""
+        return json_response(200, openapi.document(self.routes, __version__))
 
     async def render_metrics(self, request: Request) -> Response:
         return Response(200, self.metrics.render(), content_type=CONTENT_TYPE)
@@ -241,21 +252,17 @@ class Api:
             return error_response(404, "not_found", f"no key {key!r}")
         return json_response(200, {"key": key, "value": value, "applied_index": self.node.machine.applied})
 
-    async def kv_put(self, request: Request, key: str) -> Response:
-        body = decode_body(request.body, PutBody)
+    async def kv_put(self, request: Request, body: PutBody, key: str) -> Response:
         return await self._write(request, Put(_key(key), body.value), body)
 
-    async def kv_delete(self, request: Request, key: str) -> Response:
-        body = decode_body(request.body or b"{}", ClientFields)
+    async def kv_delete(self, request: Request, body: ClientFields, key: str) -> Response:
         return await self._write(request, Delete(_key(key)), body)
 
-    async def kv_cas(self, request: Request, key: str) -> Response:
-        body = decode_body(request.body, CasBody)
+    async def kv_cas(self, request: Request, body: CasBody, key: str) -> Response:
         return await self._write(request, CompareAndSet(_key(key), body.expected, body.value), body)
 
-    async def kv_batch(self, request: Request) -> Response:
+    async def kv_batch(self, request: Request, body: BatchBody) -> Response:
         """Up to MAX_BATCH operations as one replicated entry: one fsync, one round of replication."""
-        body = decode_body(request.body, BatchBody)
         if not 1 <= len(body.ops) <= MAX_BATCH:
             raise BadRequest(422, "invalid", f"ops: 1 to {MAX_BATCH} operations")
         commands: list[Command] = []
@@ -271,8 +278,7 @@ class Api:
                 raise BadRequest(422, "invalid", f"ops[{n}].op: one of put, delete, cas")
         return await self._write(request, Batch(commands), body)
 
-    async def config_put(self, request: Request, key: str) -> Response:
-        body = decode_body(request.body, PutBody)
+    async def config_put(self, request: Request, body: PutBody, key: str) -> Response:
         return await self._write(request, SetConfig(_key(key), body.value), body)
 
     async def history(self, request: Request) -> Response:
@@ -281,13 +287,11 @@ class Api:
         health = self.node.machine.image.health
         return json_response(200, {"leaders": msgspec.to_builtins(health.leaders), "recoveries": msgspec.to_builtins(health.recoveries)})
 
-    async def recovery(self, request: Request) -> Response:
-        body = decode_body(request.body, RecoveryBody)
+    async def recovery(self, request: Request, body: RecoveryBody) -> Response:
         event = {k: v for k, v in msgspec.structs.asdict(body).items() if k not in ("client", "seq")}
         return await self._write(request, RecordRecovery(**event), body)
 
-    async def transfer(self, request: Request) -> Response:
-        body = decode_body(request.body or b"{}", TransferBody)
+    async def transfer(self, request: Request, body: TransferBody) -> Response:
         if not self.node.is_leader:
             raise NotLeaderError(self.node.core.leader)
         target = body.to or self.best_follower()

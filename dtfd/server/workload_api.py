@@ -15,7 +15,7 @@ import msgspec
 from dtfd.scheduler.scheduler import Scheduler
 from dtfd.scheduler.shedding import RateLimiter
 from dtfd.server import auth
-from dtfd.server.api import Api, BadRequest, ClientFields, decode_body
+from dtfd.server.api import Api, BadRequest, ClientFields
 from dtfd.server.http import Request, Response, error_response, json_response
 from dtfd.state import tasks as t
 from dtfd.state.machine import Envelope, Result
@@ -72,20 +72,20 @@ class WorkloadApi:
         tid, wid = r"(?P<task_id>[^/]+)", r"(?P<worker>[^/]+)"
         api.add_routes(
             [
-                ("POST", "/v1/tasks", auth.ADMIN, self.submit, "/v1/tasks"),
+                ("POST", "/v1/tasks", auth.ADMIN, self.submit, "/v1/tasks", SubmitBody),
                 ("GET", "/v1/tasks", auth.READ, self.list_tasks, "/v1/tasks"),
                 ("GET", f"/v1/tasks/{tid}", auth.READ, self.get_task, "/v1/tasks/{id}"),
                 ("POST", f"/v1/tasks/{tid}/cancel", auth.ADMIN, self.cancel, "/v1/tasks/{id}/cancel"),
                 ("GET", "/v1/runs", auth.READ, self.list_runs, "/v1/runs"),
                 ("GET", r"/v1/runs/(?P<run_id>[^/]+)", auth.READ, self.run_summary, "/v1/runs/{id}"),
                 ("GET", "/v1/workers", auth.READ, self.list_workers, "/v1/workers"),
-                ("POST", "/v1/workers/register", WORKER_OR_ADMIN, self.register, "/v1/workers/register"),
-                ("POST", f"/v1/workers/{wid}/heartbeat", WORKER_OR_ADMIN, self.heartbeat, "/v1/workers/{id}/heartbeat"),
-                ("POST", f"/v1/workers/{wid}/lease", WORKER_OR_ADMIN, self.lease, "/v1/workers/{id}/lease"),
-                ("POST", f"/v1/workers/{wid}/drain", WORKER_OR_ADMIN, self.drain, "/v1/workers/{id}/drain"),
+                ("POST", "/v1/workers/register", WORKER_OR_ADMIN, self.register, "/v1/workers/register", RegisterBody),
+                ("POST", f"/v1/workers/{wid}/heartbeat", WORKER_OR_ADMIN, self.heartbeat, "/v1/workers/{id}/heartbeat", HeartbeatBody),
+                ("POST", f"/v1/workers/{wid}/lease", WORKER_OR_ADMIN, self.lease, "/v1/workers/{id}/lease", LeaseBody),
+                ("POST", f"/v1/workers/{wid}/drain", WORKER_OR_ADMIN, self.drain, "/v1/workers/{id}/drain", DrainBody),
                 ("DELETE", f"/v1/workers/{wid}", WORKER_OR_ADMIN, self.deregister, "/v1/workers/{id}"),
-                ("POST", r"/v1/leases/(?P<lease_id>[^/]+)/start", WORKER_OR_ADMIN, self.start, "/v1/leases/{id}/start"),
-                ("POST", "/v1/results", WORKER_OR_ADMIN, self.results, "/v1/results"),
+                ("POST", r"/v1/leases/(?P<lease_id>[^/]+)/start", WORKER_OR_ADMIN, self.start, "/v1/leases/{id}/start", StartBody),
+                ("POST", "/v1/results", WORKER_OR_ADMIN, self.results, "/v1/results", ResultsBody),
             ]
         )
 
@@ -101,8 +101,7 @@ class WorkloadApi:
 
     # ---- tasks ----------------------------------------------------------------------
 
-    async def submit(self, request: Request) -> Response:
-        body = decode_body(request.body, SubmitBody)
+    async def submit(self, request: Request, body: SubmitBody) -> Response:
         if not body.tasks:
             raise BadRequest(422, "invalid", "tasks: at least one task")
         for n, spec in enumerate(body.tasks):
@@ -206,8 +205,7 @@ class WorkloadApi:
         await self._read(request)
         return json_response(200, {"workers": [msgspec.to_builtins(w) for w in self.workload.workers.values()]})
 
-    async def register(self, request: Request) -> Response:
-        body = decode_body(request.body, RegisterBody)
+    async def register(self, request: Request, body: RegisterBody) -> Response:
         if not body.id or len(body.id) > 128 or not 1 <= body.slots <= 1024:
             raise BadRequest(422, "invalid", "id: 1 to 128 characters; slots: 1 to 1024")
         self.scheduler.seen(body.id)
@@ -215,15 +213,13 @@ class WorkloadApi:
         policy = self.scheduler.policy
         return json_response(200, {"heartbeat_s": policy.heartbeat_s, "lost_after_s": policy.lost_after_s})
 
-    async def heartbeat(self, request: Request, worker: str) -> Response:
-        body = decode_body(request.body or b"{}", HeartbeatBody)
+    async def heartbeat(self, request: Request, body: HeartbeatBody, worker: str) -> Response:
         self.scheduler.require_leader()  # only the leader's view says whether a worker is known
         if worker not in self.workload.workers:
             return error_response(404, "unknown_worker", f"worker {worker!r} is not registered; register again")
         return json_response(200, self.scheduler.heartbeat(worker, body.leases))
 
-    async def lease(self, request: Request, worker: str) -> Response:
-        body = decode_body(request.body or b"{}", LeaseBody)
+    async def lease(self, request: Request, body: LeaseBody, worker: str) -> Response:
         if not 1 <= body.max <= 1024:
             raise BadRequest(422, "invalid", "max: must be in [1, 1024]")
         self.scheduler.require_leader()
@@ -232,8 +228,7 @@ class WorkloadApi:
         leases = await self.scheduler.lease(worker, body.max, body.wait_s)
         return json_response(200, {"leases": [msgspec.to_builtins(lease) for lease in leases]})
 
-    async def drain(self, request: Request, worker: str) -> Response:
-        body = decode_body(request.body or b"{}", DrainBody)
+    async def drain(self, request: Request, body: DrainBody, worker: str) -> Response:
         result = await self._apply(request, t.SetDraining(worker, body.draining))
         if not result.ok:
             return error_response(404, result.error, f"worker {worker!r} is not registered")
@@ -245,15 +240,13 @@ class WorkloadApi:
             return error_response(404, result.error, f"worker {worker!r} is not registered")
         return json_response(200, result.value)
 
-    async def start(self, request: Request, lease_id: str) -> Response:
-        body = decode_body(request.body, StartBody)
+    async def start(self, request: Request, body: StartBody, lease_id: str) -> Response:
         result = await self._apply(request, t.StartTask(body.task_id, lease_id))
         if not result.ok:
             return error_response(409, result.error, f"lease {lease_id} no longer holds task {body.task_id}")
         return json_response(200, result.value)
 
-    async def results(self, request: Request) -> Response:
-        body = decode_body(request.body, ResultsBody)
+    async def results(self, request: Request, body: ResultsBody) -> Response:
         for n, item in enumerate(body.results):
             if item.status not in t.OUTCOMES:
                 raise BadRequest(422, "invalid", f"results[{n}].status: one of {', '.join(sorted(t.OUTCOMES))}")

@@ -66,3 +66,19 @@ def test_guessing_tokens_from_one_address_is_slowed_with_429(cluster):
              for n in range(40)]
     assert codes[0] == 401 and codes[-1] == 429
     assert httpx.get(f"{base}/v1/status", headers={"Authorization": f"Bearer {cluster.files.reader_token}"}, timeout=10).status_code == 200
+
+
+def test_openapi_document_lists_every_route_with_its_body_schema_and_roles(cluster):
+    document = httpx.get(f"http://{cluster.files.api['node1']}/v1/openapi.json", timeout=10).json()
+    assert document["openapi"].startswith("3.")
+    operations = {(method.upper(), path): op for path, item in document["paths"].items() for method, op in item.items()}
+    assert len(operations) >= 25
+    put = operations[("PUT", "/v1/kv/{key}")]
+    assert put["security"] == [{"bearer": []}] and "admin" in put["description"]
+    body = document["components"]["schemas"][put["requestBody"]["content"]["application/json"]["schema"]["$ref"].rsplit("/", 1)[1]]
+    assert "value" in body["required"] and body.get("additionalProperties") is False  # unknown fields refused
+    submit = operations[("POST", "/v1/tasks")]["requestBody"]["content"]["application/json"]["schema"]["$ref"]
+    assert submit.endswith("/SubmitBody") and "TaskSpec" in document["components"]["schemas"]
+    assert "security" not in operations[("GET", "/health")]
+    for (method, path), op in operations.items():
+        assert all(p["name"] in path for p in op["parameters"]), (method, path)

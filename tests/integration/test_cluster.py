@@ -174,6 +174,8 @@ def test_paused_follower_does_not_depose_the_leader(cluster):
 
 def test_bad_input_and_tokens_are_refused_and_nothing_is_applied(cluster):
     leader = cluster.wait_leader()
+    with cluster.client(leader) as c:  # the new leader records itself in the history first: let that land
+        _until(lambda: c.get("/v1/history").json()["leaders"], what="leader recorded")
     applied = cluster.status(leader)["applied_index"]
     with cluster.client(leader) as c:
         assert c.put("/v1/kv/x", content=b"{not json").status_code == 400
