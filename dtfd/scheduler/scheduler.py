@@ -24,6 +24,7 @@ from dtfd.state.health import RecordLeader
 from dtfd.state.machine import Envelope, Result
 
 log = logging.getLogger("dtf.scheduler")
+UNTAKEN_LEASE_GRACE_S = 5.0  # an unstarted lease the worker does not report is taken back after this
 
 
 @dataclass(frozen=True)
@@ -66,7 +67,14 @@ class Scheduler:
 
     # ---- worker requests ------------------------------------------------------------
 
-    def heartbeat(self, worker: str, running: list[str]) -> dict[str, list[str]]:
+    async def heartbeat(self, worker: str, running: list[str]) -> dict[str, list[str]]:
+        """Tell the worker what to stop; take back leases it never took up.
+
+        A lease granted to a long-poll whose answer never reached the worker (the worker
+        restarted, the leader died mid-answer) would otherwise hold the task until its
+        lease expires. A lease still unstarted, unreported and older than the grace period
+        goes back to the queue without counting the attempt.
+        """
         self.require_leader()
         self._last_seen[worker] = time.monotonic()
         held = {
@@ -74,6 +82,14 @@ class Scheduler:
             for task in self.workload.tasks.values()
             if task.state in t.ACTIVE and task.lease is not None and task.lease.worker == worker
         }
+        reported = set(running)
+        grace = time.time() - max(2 * self.policy.heartbeat_s, UNTAKEN_LEASE_GRACE_S)
+        for lease_id, task in held.items():
+            if task.state == t.LEASED and lease_id not in reported and task.lease.granted_at < grace:
+                result = await self.propose(t.ReturnLease(task.id, lease_id))
+                if result.ok:
+                    log.warning("lease not taken up, task requeued %s", fields(task=task.id, lease=lease_id, worker=worker))
+                    self.wake()
         return {
             "cancel": [lease for lease in running if lease in held and held[lease].cancel_requested],
             "unknown": [lease for lease in running if lease not in held],

@@ -83,13 +83,18 @@ class Recorder:
         try:
             while True:
                 await trio.sleep(interval_s)
-                if self._history or self._result_rows or self._junit:
-                    batch = (self._history, self._result_rows, self._junit)
-                    self._history, self._result_rows, self._junit = [], [], []
-                    await trio.to_thread.run_sync(self._write, *batch)
+                await self._flush()
         finally:
+            with trio.CancelScope(shield=True):  # a graceful stop keeps what was applied
+                await self._flush()
             if self._connection is not None:
                 self._connection.close()
+
+    async def _flush(self) -> None:
+        if self._history or self._result_rows or self._junit:
+            batch = (self._history, self._result_rows, self._junit)
+            self._history, self._result_rows, self._junit = [], [], []
+            await trio.to_thread.run_sync(self._write, *batch)
 
     def _write(self, history: list[tuple], results: list[tuple], junit: list[tuple]) -> None:
         try:
@@ -97,17 +102,24 @@ class Recorder:
                 self._connection = open_history(str(self.data_dir))
             conn = self._connection
             conn.execute("BEGIN")
-            if history:
-                conn.executemany("INSERT OR IGNORE INTO task_history VALUES (?, ?, ?, ?, ?, ?, ?, ?)", history)
-            if results:
-                conn.executemany("INSERT OR IGNORE INTO task_results VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", results)
+            _insert(conn, "INSERT OR IGNORE INTO task_history VALUES", history)
+            _insert(conn, "INSERT OR IGNORE INTO task_results VALUES", results)
             if junit:
                 attempts = sorted({(row[0], row[1]) for row in junit})
-                conn.executemany("DELETE FROM junit_cases WHERE task_id = ? AND attempt = ?", attempts)  # replay-safe
-                conn.executemany("INSERT INTO junit_cases VALUES (?, ?, ?, ?, ?, ?, ?)", junit)
+                for task_id, attempt in attempts:  # replay-safe: a result's cases replace its earlier copy
+                    conn.execute("DELETE FROM junit_cases WHERE task_id = ? AND attempt = ?", [task_id, attempt])
+                _insert(conn, "INSERT INTO junit_cases VALUES", junit)
             conn.execute("COMMIT")
         except duckdb.Error as exc:
             log.error("history write failed; rows dropped (derived data) %s", fields(error=exc, rows=len(history) + len(results)))
             if self._connection is not None:
                 self._connection.close()
                 self._connection = None
+
+
+def _insert(conn: duckdb.DuckDBPyConnection, statement: str, rows: list[tuple], chunk: int = 500) -> None:
+    """Many rows per statement: DuckDB's executemany costs milliseconds per row (measured ~9 ms)."""
+    for start in range(0, len(rows), chunk):
+        part = rows[start : start + chunk]
+        placeholders = ", ".join("(" + ", ".join("?" * len(part[0])) + ")" for _ in part)
+        conn.execute(f"{statement} {placeholders}", [value for row in part for value in row])

@@ -215,15 +215,20 @@ class WorkloadApi:
 
     async def heartbeat(self, request: Request, body: HeartbeatBody, worker: str) -> Response:
         self.scheduler.require_leader()  # only the leader's view says whether a worker is known
-        if worker not in self.workload.workers:
-            return error_response(404, "unknown_worker", f"worker {worker!r} is not registered; register again")
-        return json_response(200, self.scheduler.heartbeat(worker, body.leases))
+        if not self._registered(worker):
+            return error_response(404, "unknown_worker", f"worker {worker!r} is not registered (or was declared lost); register again")
+        return json_response(200, await self.scheduler.heartbeat(worker, body.leases))
+
+    def _registered(self, worker: str) -> bool:
+        """Known and not lost or gone: a worker declared lost must register again to get work."""
+        record = self.workload.workers.get(worker)
+        return record is not None and record.state in ("active", "draining")
 
     async def lease(self, request: Request, body: LeaseBody, worker: str) -> Response:
         if not 1 <= body.max <= 1024:
             raise BadRequest(422, "invalid", "max: must be in [1, 1024]")
         self.scheduler.require_leader()
-        if worker not in self.workload.workers:
+        if not self._registered(worker):
             return error_response(404, "unknown_worker", f"worker {worker!r} is not registered; register again")
         leases = await self.scheduler.lease(worker, body.max, body.wait_s)
         return json_response(200, {"leases": [msgspec.to_builtins(lease) for lease in leases]})

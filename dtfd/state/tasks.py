@@ -230,8 +230,16 @@ class ExpireLease(msgspec.Struct, tag="task.expire", frozen=True):
     lease_id: str
 
 
+class ReturnLease(msgspec.Struct, tag="task.return", frozen=True):
+    """The worker never took the lease up (its long-poll answer was lost): requeue, attempt not counted."""
+
+    task_id: str
+    lease_id: str
+
+
 WorkloadCommand = (
-    RegisterWorker | SetDraining | RemoveWorker | SubmitTasks | AssignTasks | StartTask | FinishTasks | CancelTask | ExpireLease
+    RegisterWorker | SetDraining | RemoveWorker | SubmitTasks | AssignTasks | StartTask | FinishTasks | CancelTask
+    | ExpireLease | ReturnLease
 )
 
 
@@ -367,6 +375,7 @@ class Workload(msgspec.Struct):
                     self._breaker_failure(self.workers.get(other), at, policy)
             return ""
         if outcome.status == CANCELLED or task.cancel_requested:
+            self._release_probe(task)  # a cancel says nothing about the worker's health
             task.result = outcome
             self._move(task, CANCELLED, at, outcome.reason or "cancelled", lease.worker)
             return ""
@@ -393,17 +402,38 @@ class Workload(msgspec.Struct):
             task.cancel_requested = True
         return True, {"task_id": task.id, "state": task.state, "cancel_requested": task.cancel_requested}, ""
 
+    def _ReturnLease(self, c: ReturnLease, at: float, index: int, policy: BreakerPolicy) -> tuple[bool, object, str]:
+        task = self.tasks.get(c.task_id)
+        if task is None or task.lease is None or task.lease.id != c.lease_id or task.state != LEASED:
+            return False, None, "stale_lease"
+        self._release_probe(task)
+        task.attempt -= 1
+        task.lease = None
+        self._move(task, QUEUED, at, "lease not taken up by the worker", "")
+        return True, {"task_id": task.id, "state": task.state}, ""
+
     def _ExpireLease(self, c: ExpireLease, at: float, index: int, policy: BreakerPolicy) -> tuple[bool, object, str]:
         task = self.tasks.get(c.task_id)
         if task is None or task.lease is None or task.lease.id != c.lease_id or task.state not in ACTIVE:
             return False, None, "stale_lease"
+        if task.state == LEASED:  # never started: it did not run, so it did not time out
+            return self._ReturnLease(ReturnLease(c.task_id, c.lease_id), at, index, policy)
         self._end_attempt(task, at, "lease expired without a result", TIMED_OUT)
         return True, {"task_id": task.id, "state": task.state}, ""
 
     # ---- rules ----------------------------------------------------------------------
 
+    def _release_probe(self, task: Task) -> None:
+        """A probe that ends without a verdict lets the next one through (after the same cool-down)."""
+        worker = self.workers.get(task.lease.worker) if task.lease else None
+        if worker is not None and worker.breaker.probe == task.id:
+            worker.breaker.state, worker.breaker.probe = "open", ""
+
     def _end_attempt(self, task: Task, at: float, reason: str, terminal: str) -> bool:
         """Retry the task if attempts remain (True), else end it in `terminal` (False)."""
+        worker_record = self.workers.get(task.lease.worker) if task.lease else None
+        if worker_record is not None and worker_record.breaker.probe == task.id:
+            worker_record.breaker.state, worker_record.breaker.opened_at, worker_record.breaker.probe = "open", at, ""
         worker = task.lease.worker if task.lease else ""
         task.lease = None
         if task.cancel_requested:

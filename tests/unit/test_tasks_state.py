@@ -190,19 +190,52 @@ def test_cancel_queued_at_once_running_through_the_worker():
     assert not c.apply(t.CancelTask(running)).ok
 
 
-def test_expired_lease_times_the_attempt_out_and_deregistering_requeues():
+def test_expired_lease_times_a_running_attempt_out_and_requeues_one_never_started():
     c = Cluster()
     c.register()
-    task_id = c.submit()
-    lease = c.lease(task_id)
-    assert c.apply(t.ExpireLease(task_id, lease)).ok
-    assert c.task(task_id).state == t.TIMED_OUT
-    assert not c.apply(t.ExpireLease(task_id, lease)).ok
+    running = c.submit()
+    lease = c.lease(running)
+    c.apply(t.StartTask(running, lease))
+    assert c.apply(t.ExpireLease(running, lease)).ok
+    assert c.task(running).state == t.TIMED_OUT
+    assert not c.apply(t.ExpireLease(running, lease)).ok
+    unstarted = c.submit()
+    lease = c.lease(unstarted)
+    assert c.apply(t.ExpireLease(unstarted, lease)).ok  # it never ran, so it did not time out
+    assert c.task(unstarted).state == t.QUEUED and c.task(unstarted).attempt == 0
     other = c.submit(max_retries=1)
     c.lease(other)
     c.apply(t.RemoveWorker("w1", lost=False))
     assert c.task(other).state == t.QUEUED
     assert c.task(other).history[-1].reason == "retry after worker deregistered"
+
+
+def test_a_lease_never_taken_up_returns_to_the_queue_without_counting_the_attempt():
+    c = Cluster()
+    c.register()
+    task_id = c.submit(max_retries=0)
+    lease = c.lease(task_id)
+    assert c.apply(t.ReturnLease(task_id, lease)).ok
+    assert (c.task(task_id).state, c.task(task_id).attempt) == (t.QUEUED, 0)
+    again = c.lease(task_id)
+    c.apply(t.StartTask(task_id, again))
+    assert not c.apply(t.ReturnLease(task_id, again)).ok  # a started lease is not "not taken up"
+    assert c.finish(task_id, again)["accepted"] and c.task(task_id).state == t.SUCCEEDED
+
+
+def test_a_cancelled_probe_releases_the_breaker_for_the_next_one():
+    c = Cluster()
+    c.register()
+    for _ in range(t.BREAKER_THRESHOLD):
+        task_id = c.submit()
+        c.finish(task_id, c.lease(task_id), status="error")
+    c.now += t.BREAKER_COOLDOWN_S
+    probe, nxt = c.submit(), c.submit()
+    lease = c.lease(probe)
+    c.apply(t.StartTask(probe, lease))
+    c.apply(t.CancelTask(probe))
+    c.finish(probe, lease, status="cancelled")
+    assert c.workload.workers["w1"].breaker.state == "open" and c.lease(nxt) is not None  # the next probe goes
 
 
 commands = st.one_of(
@@ -212,6 +245,7 @@ commands = st.one_of(
     st.builds(t.FinishTasks, st.lists(st.builds(t.Report, st.sampled_from([f"t{i}.0" for i in range(1, 12)]), st.text("abc", min_size=1, max_size=3), st.builds(t.Outcome, status=st.sampled_from(sorted(t.OUTCOMES)))), max_size=2)),
     st.builds(t.RemoveWorker, st.sampled_from(["w1", "w2"]), st.booleans()),
     st.builds(t.CancelTask, st.sampled_from([f"t{i}.0" for i in range(1, 12)])),
+    st.builds(t.ReturnLease, st.sampled_from([f"t{i}.0" for i in range(1, 12)]), st.text("abc", min_size=1, max_size=3)),
 )
 
 
