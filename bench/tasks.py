@@ -1,0 +1,221 @@
+"""Tasks/s end to end: no-op tasks through 3 dtfd nodes (fsync on) and real dtf-workers.
+
+    .venv/bin/python bench/tasks.py [--quick] [--tasks N] [--batch B] [--workers W] [--slots S] [--profile]
+
+Tasks (`true`) are submitted in batches (one POST /v1/tasks of `--batch` tasks, one
+replicated entry each), back to back from one client, while W workers with S slots each
+lease, run and report them. A run is measured from the task history the leader stamps:
+tasks/s is the run's tasks over first submit -> last recorded result, and a task's
+latency is its submit -> terminal transition. The second run is the same with the leader
+killed (SIGKILL) halfway through the submissions and restarted at once; submissions ride
+through the election under one client id and seq, so none is applied twice.
+
+Every wait is bounded, every process started here is stopped on the way out (also on
+Ctrl-C or a failure), and the logs stay in the printed directory when something fails.
+--profile samples the leader with py-spy during the first run and prints where its CPU goes.
+Nothing here fails on timing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from peers import machine_line, percentile  # noqa: E402
+from throughput import IDLE_LEAVES  # noqa: E402
+
+from dtfd.devcluster import LocalCluster, write_configs, write_worker_config  # noqa: E402
+from dtfd.state.tasks import TERMINAL  # noqa: E402
+from tests.integration.support import until  # noqa: E402
+from tests.integration.workload_helpers import call  # noqa: E402
+
+GOAL_PER_S = 500
+# Shedding off (the bench is the only client); a task whose grant died with a killed leader comes back after 10 + 5 s.
+WORKLOAD = {"heartbeat_s": 1.0, "lost_after_s": 5.0, "lease_grace_s": 5.0, "submit_rate_per_s": 1e9, "submit_burst": 1_000_000_000, "max_queued_tasks": 10_000_000}
+TASK = {"argv": ["true"], "timeout_s": 10}
+
+
+@dataclass
+class Measured:
+    name: str
+    tasks: int
+    seconds: float
+    p50_ms: float
+    p99_ms: float
+    max_ms: float
+    states: dict[str, int]
+    cpu: str
+
+    @property
+    def per_s(self) -> float:
+        return self.tasks / self.seconds
+
+
+def cpu_seconds(cluster: LocalCluster) -> dict[tuple[str, int], float]:
+    """CPU time so far of each process by (name, pid), task processes included (reaped children count for their worker)."""
+    used = {}
+    for name, proc in cluster.procs.items():
+        try:
+            times = psutil.Process(proc.pid).cpu_times()
+        except psutil.Error:
+            continue
+        used[name, proc.pid] = times.user + times.system + times.children_user + times.children_system
+    return used
+
+
+def cpu_line(before: dict[tuple[str, int], float], after: dict[tuple[str, int], float], seconds: float, nodes: list[str], leader: str) -> str:
+    """% of one core: the leader, each follower, and all workers together (with their tasks); a restarted node from its restart."""
+    share = {name: 100 * (used - before.get((name, pid), 0.0)) / seconds for (name, pid), used in after.items()}
+    followers = " ".join(f"{share[n]:.0f}" for n in nodes if n != leader and n in share)
+    workers = sum(v for name, v in share.items() if name not in nodes)
+    return f"leader {share.get(leader, 0):.0f}, followers {followers}, workers {workers:.0f}"
+
+
+def submit_run(cluster: LocalCluster, run_id: str, total: int, batch: int, before_batch: Callable[[int], None]) -> None:
+    """Submit `total` tasks in batches; `before_batch(seq)` may break things between two of them."""
+    for seq, start in enumerate(range(0, total, batch), 1):
+        before_batch(seq)
+        size = min(batch, total - start)
+        reply = call(cluster, "POST", "/v1/tasks", {"tasks": [TASK] * size, "run_id": run_id, "client": run_id, "seq": seq}, timeout=30)
+        if reply.status_code != 201:
+            raise RuntimeError(f"submit {run_id} batch {seq}: {reply.status_code} {reply.text[:200]}")
+
+
+def tasks_of(cluster: LocalCluster, run_id: str) -> list[dict]:
+    tasks, after = [], "-1"
+    while after:
+        page = call(cluster, "GET", f"/v1/tasks?run={run_id}&limit=500&after={after}").json()
+        tasks += page["tasks"]
+        after = page["next"]
+    return tasks
+
+
+def measure(cluster: LocalCluster, name: str, total: int, batch: int, before_batch: Callable[[int], None] = lambda seq: None) -> Measured:
+    cpu_before, started = cpu_seconds(cluster), time.monotonic()
+    submit_run(cluster, name, total, batch, before_batch)
+    until(lambda: call(cluster, "GET", f"/v1/runs/{name}").json()["done"], timeout=60 + total / 20, what=f"run {name} done", interval=0.1)
+    elapsed = time.monotonic() - started
+    cpu = cpu_line(cpu_before, cpu_seconds(cluster), elapsed, cluster.files.node_ids, cluster.wait_leader())
+    tasks = tasks_of(cluster, name)
+    if len(tasks) != total or any(task["state"] not in TERMINAL for task in tasks):
+        raise RuntimeError(f"run {name}: {len(tasks)} tasks listed of {total} submitted")
+    latencies = sorted(task["updated_at"] - task["submitted_at"] for task in tasks)
+    span = max(task["updated_at"] for task in tasks) - min(task["submitted_at"] for task in tasks)
+    states = collections.Counter(task["state"] for task in tasks)
+    ms = [1000 * value for value in latencies]
+    return Measured(name, total, span, percentile(ms, 0.5), percentile(ms, 0.99), ms[-1], dict(states), cpu)
+
+
+def kill_leader_at(cluster: LocalCluster, seq: int) -> Callable[[int], None]:
+    """A before_batch hook: SIGKILL the leader before batch `seq`, restart it at once on its data."""
+
+    def hook(current: int) -> None:
+        if current == seq:
+            leader = cluster.wait_leader()
+            cluster.kill(leader)
+            print(f"  killed the leader {leader} before batch {seq}", flush=True)
+            cluster.start(leader)
+
+    return hook
+
+
+def start_profile(cluster: LocalCluster, out: Path) -> subprocess.Popen | None:
+    py_spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+    if not Path(py_spy).exists():
+        print("py-spy not installed (.venv/bin/pip install py-spy): no profile")
+        return None
+    pid = cluster.procs[cluster.wait_leader()].pid
+    command = [py_spy, "record", "--pid", str(pid), "--rate", "200", "--nonblocking", "--format", "raw", "-o", str(out)]
+    return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+
+
+def print_profile(spy: subprocess.Popen, raw: Path) -> None:
+    """Stop py-spy (it writes on SIGINT); the leader's hottest functions by own and inclusive samples."""
+    spy.send_signal(signal.SIGINT)
+    try:
+        spy.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        spy.kill()
+        spy.wait()
+    if not raw.exists():
+        print("py-spy wrote no profile (needs ptrace: run as root or with CAP_SYS_PTRACE)")
+        return
+    own: collections.Counter[str] = collections.Counter()
+    inclusive: collections.Counter[str] = collections.Counter()
+    for line in raw.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        frames = [frame.split(" (")[0] + " (" + frame.rsplit("/", 1)[-1].split(":")[0] + ")" for frame in stack.split(";") if frame]
+        if frames and frames[-1].split(" (")[0] not in IDLE_LEAVES:
+            own[frames[-1]] += int(count)
+            inclusive.update(dict.fromkeys(frames, int(count)))
+    busy = sum(own.values())
+    print(f"\npy-spy on the leader during the first run: {busy} busy samples at 200 Hz (idle waits left out)")
+    for title, counter, rows in (("own %", own, 15), ("incl %", inclusive, 25)):
+        print(f"\n{title:>6}  function (file)")
+        for frame, n in counter.most_common(rows):
+            print(f"{100 * n / max(busy, 1):>6.1f}  {frame}")
+    print(f"(raw stacks: {raw})")
+
+
+def print_table(rows: list[Measured], workers: int, slots: int, batch: int) -> None:
+    print(f"\nNo-op tasks end to end: 3 nodes, fsync on, {workers} workers x {slots} slots, batches of {batch}; goal >= {GOAL_PER_S} tasks/s")
+    print(f"{'run':<12} {'tasks':>6} {'s':>6} {'tasks/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'max ms':>8}  states; CPU % of a core")
+    for r in rows:
+        states = " ".join(f"{state}={n}" for state, n in sorted(r.states.items()))
+        print(f"{r.name:<12} {r.tasks:>6} {r.seconds:>6.1f} {r.per_s:>8.0f} {r.p50_ms:>8.0f} {r.p99_ms:>8.0f} {r.max_ms:>8.0f}  {states}; {r.cpu}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="1,000 tasks per run instead of 5,000")
+    parser.add_argument("--tasks", type=int, help="tasks per run")
+    parser.add_argument("--batch", type=int, default=100, help="tasks per submission")
+    parser.add_argument("--workers", type=int, default=8)
+    parser.add_argument("--slots", type=int, default=4, help="tasks each worker runs at once")
+    parser.add_argument("--profile", action="store_true", help="sample the leader with py-spy during the first run")
+    args = parser.parse_args()
+    total = args.tasks or (1000 if args.quick else 5000)
+    print(machine_line(), flush=True)
+    directory = Path(tempfile.mkdtemp(prefix="dtf-bench-tasks-"))
+    cluster = LocalCluster(write_configs(directory, nodes=3, workload=WORKLOAD))
+    ok = False
+    try:
+        cluster.start_all()
+        cluster.wait_leader()
+        for n in range(args.workers):
+            cluster.start_worker(write_worker_config(cluster.files, f"w{n + 1}", slots=args.slots))
+        until(lambda: len(call(cluster, "GET", "/v1/workers").json()["workers"]) == args.workers, what="workers registered")
+        spy = start_profile(cluster, directory / "leader.raw") if args.profile else None
+        rows = [measure(cluster, "steady", total, args.batch)]
+        print(f"  steady: {rows[0].per_s:,.0f} tasks/s", flush=True)
+        if spy is not None:
+            print_profile(spy, directory / "leader.raw")
+        batches = -(-total // args.batch)
+        rows.append(measure(cluster, "leader-kill", total, args.batch, kill_leader_at(cluster, batches // 2 + 1)))
+        print_table(rows, args.workers, args.slots, args.batch)
+        ok = True
+    finally:
+        cluster.stop_all()
+        print(machine_line())
+        if ok and not args.profile:
+            shutil.rmtree(directory, ignore_errors=True)
+        else:
+            print(f"logs and data kept in {directory}")
+
+
+if __name__ == "__main__":
+    main()
