@@ -134,6 +134,24 @@ def read_strict(path: str | Path, kind: type[S]) -> S:
         raise ConfigError(f"{path}: {_readable(str(exc))}") from None
 
 
+MIN_TOKEN_CHARS = 16  # what dtfd's tokens file demands
+
+
+def read_token(inline: str, token_file: str, section: str) -> str:
+    """A bearer token given inline or in a file (`section`.token / `section`.token_file)."""
+    if inline:
+        token, key = inline.strip(), f"{section}.token"
+    else:
+        key = f"{section}.token_file"
+        try:
+            token = Path(token_file).read_text().strip()
+        except OSError as exc:
+            raise ConfigError(f"{key}: cannot read {token_file}: {exc.strerror}") from None
+    if len(token) < MIN_TOKEN_CHARS:
+        raise ConfigError(f"{key}: the token must be at least {MIN_TOKEN_CHARS} characters")
+    return token
+
+
 def load(path: str | Path, node_id: str) -> NodeConfig:
     config = read_strict(path, Config)
     try:

@@ -10,11 +10,10 @@ from pathlib import Path
 
 import msgspec
 
-from dtfd.config import ConfigError, Strict, parse_address, read_strict
+from dtfd.config import ConfigError, Strict, parse_address, read_strict, read_token
 
 DEFAULT_PATH = "/etc/dtf/recoveryd.toml"
 MODES = ("systemd", "local")
-MIN_TOKEN_CHARS = 16  # what dtfd's tokens file demands
 
 
 class Node(Strict):
@@ -141,14 +140,4 @@ def _check(config: Config) -> str:
 
 
 def _token(daemon: Daemon) -> str:
-    if daemon.token:
-        token, key = daemon.token.strip(), "recoveryd.token"
-    else:
-        key = "recoveryd.token_file"
-        try:
-            token = Path(daemon.token_file).read_text().strip()
-        except OSError as exc:
-            raise ConfigError(f"{key}: cannot read {daemon.token_file}: {exc.strerror}") from None
-    if len(token) < MIN_TOKEN_CHARS:
-        raise ConfigError(f"{key}: an admin token of at least {MIN_TOKEN_CHARS} characters is required")
-    return token
+    return read_token(daemon.token, daemon.token_file, "recoveryd")

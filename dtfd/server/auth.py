@@ -7,7 +7,7 @@ from pathlib import Path
 
 import msgspec
 
-from dtfd.config import ConfigError, read_strict
+from dtfd.config import MIN_TOKEN_CHARS, ConfigError, read_strict
 
 ROLES = ("admin", "worker", "reader")
 READ = frozenset(ROLES)
@@ -42,6 +42,6 @@ def load_tokens(path: str | Path) -> Tokens:
     for n, token in enumerate(parsed.tokens):
         if token.role not in ROLES:
             raise ConfigError(f"{path}: tokens[{n}].role: {token.role!r} is not one of {', '.join(ROLES)}")
-        if len(token.token) < 16:
-            raise ConfigError(f"{path}: tokens[{n}].token: must be at least 16 characters")
+        if len(token.token) < MIN_TOKEN_CHARS:
+            raise ConfigError(f"{path}: tokens[{n}].token: must be at least {MIN_TOKEN_CHARS} characters")
     return Tokens(parsed.tokens)

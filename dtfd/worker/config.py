@@ -15,10 +15,9 @@ from urllib.parse import urlsplit
 import msgspec
 import psutil
 
-from dtfd.config import ConfigError, Strict, parse_address, read_strict
+from dtfd.config import ConfigError, Strict, parse_address, read_strict, read_token
 
 DEFAULT_PATH = "/etc/dtf/worker.toml"
-MIN_TOKEN_CHARS = 16  # what dtfd's tokens file demands
 
 
 class Coordinator(Strict):
@@ -124,14 +123,4 @@ def _check_url(url: str, key: str) -> None:
 
 
 def _token(coordinator: Coordinator) -> str:
-    if coordinator.token:
-        token, key = coordinator.token.strip(), "coordinator.token"
-    else:
-        key = "coordinator.token_file"
-        try:
-            token = Path(coordinator.token_file).read_text().strip()
-        except OSError as exc:
-            raise ConfigError(f"{key}: cannot read {coordinator.token_file}: {exc.strerror}") from None
-    if len(token) < MIN_TOKEN_CHARS:
-        raise ConfigError(f"{key}: the token must be at least {MIN_TOKEN_CHARS} characters")
-    return token
+    return read_token(coordinator.token, coordinator.token_file, "coordinator")

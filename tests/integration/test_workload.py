@@ -10,6 +10,7 @@ import pytest
 
 from dtfd.devcluster import LocalCluster, write_configs
 from tests.integration.support import running
+from tests.integration.workload_helpers import call
 from tests.integration.support import until as _until
 
 pytestmark = pytest.mark.integration
@@ -30,21 +31,7 @@ class Worker:
         self.register(labels or {"os": "linux"}, slots)
 
     def call(self, method: str, path: str, body: dict | None = None, timeout: float = 10) -> httpx.Response:
-        deadline = time.monotonic() + timeout
-        while True:
-            for node in self.cluster.files.node_ids:
-                if self.cluster.procs[node].poll() is not None:
-                    continue
-                try:
-                    with self.cluster.client(node, self.cluster.files.worker_token) as c:
-                        reply = c.request(method, path, json=body, timeout=timeout)
-                except httpx.HTTPError:
-                    continue
-                if reply.status_code != 503:
-                    return reply
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{method} {path}: no node answered")
-            time.sleep(0.05)
+        return call(self.cluster, method, path, body, self.cluster.files.worker_token, timeout)
 
     def register(self, labels: dict, slots: int) -> None:
         assert self.call("POST", "/v1/workers/register", {"id": self.name, "labels": labels, "slots": slots}).status_code == 200
