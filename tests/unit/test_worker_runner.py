@@ -196,3 +196,21 @@ def test_a_result_too_large_for_the_coordinator_is_shrunk_not_dropped():
     assert len(small.junit) == SHRUNK_JUNIT_CASES and small.junit[0].name == "broken"  # failures kept first
     assert "shrunk" in small.reason
     assert shrink(small) is None  # already minimal: the caller drops it rather than loop
+
+
+async def test_a_task_sees_neither_the_workers_environment_nor_its_token(tmp_path, monkeypatch):
+    """A test command must not read the worker's credentials, even if it asks for them by name."""
+    monkeypatch.setenv("DTF_TOKEN", "worker-secret-token-0000")
+    monkeypatch.setenv("SOME_WORKER_SETTING", "x")
+    script = "import os; print(sorted(k for k in os.environ if k in ('DTF_TOKEN', 'SOME_WORKER_SETTING', 'MINE')))"
+    result = await _run(tmp_path, [PY, "-c", script], env={"MINE": "1"}).run()
+    assert result.output_tail.strip() == "['MINE']"
+
+
+async def test_output_cap_holds_against_a_task_printing_a_gigabyte(tmp_path):
+    """A runaway task cannot fill the worker's memory or the result: only the tail is kept."""
+    script = "import sys\nchunk = b'x' * (1 << 20)\nfor _ in range(1024):\n    sys.stdout.buffer.write(chunk)\nsys.stdout.buffer.write(b'END')"
+    with trio.fail_after(120):
+        result = await _run(tmp_path, [PY, "-c", script], cap=4096).run()
+    assert result.status == "succeeded" and result.truncated
+    assert len(result.output_tail.encode()) <= 4096 + 200 and result.output_tail.endswith("END")
