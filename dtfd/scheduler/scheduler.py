@@ -79,7 +79,7 @@ class Scheduler:
         self._last_seen[worker] = time.monotonic()
         held = {
             task.lease.id: task
-            for task in self.workload.tasks.values()
+            for task in self.workload.open_tasks()
             if task.state in t.ACTIVE and task.lease is not None and task.lease.worker == worker
         }
         reported = set(running)
@@ -131,7 +131,7 @@ class Scheduler:
         policy = t.BreakerPolicy.from_config(self.node.machine.image.config)
         if worker is None or worker.state != "active" or not t.breaker_admits(worker.breaker, now, policy):
             return []
-        tasks = self.workload.tasks.values()
+        tasks = self.workload.open_tasks()
         busy = sum(1 for task in tasks if task.state in t.ACTIVE and task.lease and task.lease.worker == worker_id)
         room = min(most, worker.slots - busy, 1 if worker.breaker.state != "closed" else most)
         if room <= 0:
@@ -177,11 +177,11 @@ class Scheduler:
                 result = await self.propose(t.RemoveWorker(worker.id, lost=True))
                 log.warning("worker lost %s", fields(worker=worker.id, silent_s=round(monotonic - last, 1), requeued=len((result.value or {}).get("requeued", []))))
                 self.wake()
-        for task in list(self.workload.tasks.values()):
+        for task in self.workload.open_tasks():
             lease = task.lease
             if task.state in t.ACTIVE and lease is not None and lease.expires_at < now:
                 await self.propose(t.ExpireLease(task.id, lease.id))
                 log.warning("lease expired %s", fields(task=task.id, lease=lease.id, worker=lease.worker))
                 self.wake()
-        if any(task.state == t.QUEUED and task.not_before <= now for task in self.workload.tasks.values()):
+        if any(task.state == t.QUEUED and task.not_before <= now for task in self.workload.open_tasks()):
             self.wake()

@@ -250,6 +250,10 @@ class Workload(msgspec.Struct):
     tasks: dict[str, Task] = {}
     idempotency: dict[str, str] = {}
     next_order: int = 0
+    open: dict[str, int] = {}  # ids of tasks not yet finished: what scheduling scans, not all history
+
+    def open_tasks(self) -> list[Task]:
+        return [self.tasks[task_id] for task_id in self.open]
 
     def apply(self, command: WorkloadCommand, at: float, index: int, config: dict[str, str] | None = None) -> tuple[bool, object, str]:
         """Apply one command; (ok, value, error code). `config` is the replicated configuration."""
@@ -282,7 +286,7 @@ class Workload(msgspec.Struct):
         worker.state = "lost" if c.lost else "gone"
         reason = "worker lost" if c.lost else "worker deregistered"
         requeued = []
-        for task in self.tasks.values():
+        for task in self.open_tasks():
             if task.state in ACTIVE and task.lease is not None and task.lease.worker == c.worker:
                 self._end_attempt(task, at, reason, LOST)
                 requeued.append(task.id)
@@ -309,6 +313,7 @@ class Workload(msgspec.Struct):
             self.next_order += 1
             task.history.append(Transition(0, "", "", QUEUED, "submitted", at))
             self.tasks[task_id] = task
+            self.open[task_id] = task.order
             if key:
                 self.idempotency[key] = task_id
             submitted.append({"id": task_id, "state": QUEUED, "duplicate": False})
@@ -318,7 +323,7 @@ class Workload(msgspec.Struct):
         worker = self.workers.get(c.worker)
         if worker is None or worker.state != "active":
             return False, [], "worker_unavailable"
-        free = worker.slots - sum(1 for t in self.tasks.values() if t.state in ACTIVE and t.lease and t.lease.worker == c.worker)
+        free = worker.slots - sum(1 for t in self.open_tasks() if t.state in ACTIVE and t.lease and t.lease.worker == c.worker)
         granted = []
         for assignment in c.assignments:
             if free <= 0 or not breaker_admits(worker.breaker, at, policy):
@@ -449,6 +454,8 @@ class Workload(msgspec.Struct):
     def _move(self, task: Task, to: str, at: float, reason: str, worker: str) -> None:
         task.history.append(Transition(task.attempt, worker, task.state, to, reason, at))
         task.state, task.updated_at = to, at
+        if to in TERMINAL:
+            self.open.pop(task.id, None)
 
     @staticmethod
     def _breaker_success(worker: Worker | None, at: float) -> None:

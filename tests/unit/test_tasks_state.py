@@ -263,6 +263,7 @@ def test_workload_snapshot_restores_exactly_and_replicas_agree(prefix, suffix):
     for command, at in suffix:
         assert restored.apply(command, at) == a.apply(command, at)
     assert restored.machine.checksum() == a.machine.checksum()
+    assert set(a.workload.open) == {task.id for task in a.workload.tasks.values() if task.state not in t.TERMINAL}
     for task in a.workload.tasks.values():
         assert task.attempt <= task.spec.max_retries + 1
         assert sum(1 for h in task.history if h.to_state in t.TERMINAL) <= 1
@@ -281,3 +282,17 @@ def test_breaker_policy_comes_from_the_replicated_configuration():
     probe = c.submit()
     c.now += 2
     assert c.lease(probe) is not None  # and the cool-down is 2 s
+
+
+def test_the_open_index_holds_exactly_the_unfinished_tasks():
+    """Scheduling scans this index, not every task ever submitted: it must never miss or keep one."""
+    c = Cluster()
+    c.register()
+    ids = [c.submit(max_retries=1) for _ in range(4)]
+    c.apply(t.CancelTask(ids[0]))
+    lease = c.lease(ids[1])
+    c.finish(ids[1], lease)
+    lease = c.lease(ids[2])
+    c.finish(ids[2], lease, status="failed")  # retried: still open
+    assert set(c.workload.open) == {ids[2], ids[3]}
+    assert set(c.workload.open) == {task.id for task in c.workload.tasks.values() if task.state not in t.TERMINAL}
