@@ -28,6 +28,7 @@ from dtfd.state.health import RecordRecovery
 from dtfd.state.machine import Batch, Command, CompareAndSet, Delete, Envelope, Put, SetConfig
 
 FORWARDED = "x-dtf-forwarded"
+LEADER_HEADER = "X-Dtf-Leader"
 FORWARD_TIMEOUT_S = 30.0  # above the longest long-poll a worker may ask for
 AUTH_FAILURE_BURST = 20.0  # failed authentications one address may make at once ...
 AUTH_FAILURES_PER_S = 1.0  # ... and per second after that, before getting 429
@@ -148,6 +149,9 @@ class Api:
             finally:
                 self.in_flight -= 1
         self.metrics.http_requests.labels(route.name if route else "unmatched", str(response.status)).inc()
+        leader = self.api_addresses.get(self.node.core.leader)
+        if leader:  # clients that talk to the leader directly skip a forwarding hop
+            response.headers.append((LEADER_HEADER, leader))
         return response
 
     def _route(self, request: Request) -> tuple[Route | None, re.Match[str] | None]:

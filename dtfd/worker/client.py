@@ -86,6 +86,7 @@ class Client:
                         if response.status_code not in RETRY_STATUSES:
                             if self.current != first:
                                 log.info("failed over to another coordinator %s", fields(url=url, after=last))
+                            self._prefer_leader(response)
                             return self._answer(response)
                         last = f"{url}: HTTP {response.status_code}"
                         wait = max(wait, _retry_after(response))
@@ -94,6 +95,14 @@ class Client:
                 await trio.sleep(wait)
                 backoff = min(2 * backoff, BACKOFF_MAX_S)
         raise Unavailable(f"no coordinator answered {method} {path} within {deadline_s:g}s (last: {last})")
+
+    def _prefer_leader(self, response: httpx.Response) -> None:
+        """Talk to the leader next time: a follower would only forward the request to it."""
+        leader = response.headers.get("x-dtf-leader", "")
+        for n, url in enumerate(self.urls):
+            if leader and url.split("://", 1)[-1] == leader:
+                self.current = n
+                return
 
     def _answer(self, response: httpx.Response) -> dict:
         if response.status_code >= 400:

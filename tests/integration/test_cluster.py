@@ -227,3 +227,10 @@ def test_batch_writes_are_one_entry_and_answer_each_operation(cluster):
         assert {r["index"] for r in results} == {reply.json()["index"]}  # one log entry for the whole batch
         assert c.get("/v1/kv/b99").json()["value"] == "99"
         assert c.post("/v1/kv", json={"ops": [{"op": "rename", "key": "x"}]}).status_code == 422
+
+
+def test_every_answer_names_the_leaders_address_so_clients_can_skip_forwarding(cluster):
+    leader = cluster.wait_leader()
+    for node in cluster.files.node_ids:
+        with cluster.client(node) as c:
+            assert c.get("/health").headers["x-dtf-leader"] == cluster.files.api[leader]

@@ -82,3 +82,15 @@ def test_bad_values_are_refused_naming_the_key(tmp_path, text, message):
 def test_missing_file(tmp_path):
     with pytest.raises(ConfigError, match="no such file"):
         config.load(tmp_path / "absent.toml")
+
+
+def test_the_client_moves_to_the_leader_an_answer_names():
+    import httpx
+
+    from dtfd.worker.client import Client
+
+    client = Client(["http://127.0.0.1:7001", "http://127.0.0.1:7002", "http://127.0.0.1:7003"], "t" * 16)
+    client._prefer_leader(httpx.Response(200, headers={"x-dtf-leader": "127.0.0.1:7003"}))
+    assert client.current == 2
+    client._prefer_leader(httpx.Response(200, headers={"x-dtf-leader": "10.0.0.9:7001"}))  # not one of ours: stay
+    assert client.current == 2
