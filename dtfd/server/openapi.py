@@ -20,9 +20,16 @@ ERROR = {
 }
 
 
+SUCCESS = {("POST", "/v1/tasks"): "201", ("POST", "/v1/leadership/transfer"): "202"}
+NOT_SERVING = frozenset({"/health", "/ready", "/leader"})  # 503 means "not healthy / not ready / not the leader"
+WRITES_WITH_RESULT = frozenset({"/v1/kv/{key}", "/v1/kv/{key}/cas", "/v1/kv", "/v1/config/{key}"})
+
+
 def document(routes: Sequence, version: str) -> dict:
+    from dtfd.state.machine import Result
+
     bodies = sorted({route.body for route in routes if route.body is not None}, key=lambda kind: kind.__name__)
-    _, schemas = msgspec.json.schema_components(bodies, ref_template="#/components/schemas/{name}")
+    _, schemas = msgspec.json.schema_components([*bodies, Result], ref_template="#/components/schemas/{name}")
     schemas["Error"] = ERROR
     paths: dict[str, dict] = {}
     for route in routes:
@@ -35,10 +42,17 @@ def document(routes: Sequence, version: str) -> dict:
                 for name in re.findall(r"\{(\w+)\}", route.name)
             ],
             "responses": {
-                "200": {"description": "done", "content": _content(route.name)},
-                "default": {"description": "an error, named", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}},
+                SUCCESS.get((route.method, route.name), "200"): {"description": "done", "content": _content(route.name)},
+                "default": {"description": "an error, named", "content": _error()},
             },
         }
+        if route.name in NOT_SERVING:
+            operation["responses"]["503"] = {"description": "not healthy, not ready or not the leader", "content": _error()}
+        if route.name in WRITES_WITH_RESULT and route.method != "GET":
+            operation["responses"]["409"] = {
+                "description": "applied, but refused by the state machine (e.g. compare-and-set failed): the write's result",
+                "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Result"}}},
+            }
         if route.roles is not None:
             operation["security"] = [{"bearer": []}]
             operation["description"] = "Roles: " + ", ".join(sorted(route.roles))
@@ -54,6 +68,10 @@ def document(routes: Sequence, version: str) -> dict:
         "paths": paths,
         "components": {"schemas": schemas, "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}}},
     }
+
+
+def _error() -> dict:
+    return {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}
 
 
 def _content(path: str) -> dict:
