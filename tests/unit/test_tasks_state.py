@@ -47,6 +47,12 @@ class Cluster:
         result = self.apply(t.AssignTasks(worker, [t.Assignment(task_id, lease_id, self.now + 60)]))
         return lease_id if result.ok and result.value else None
 
+    def fail_infrastructure(self, times: int, worker: str = "w1") -> None:
+        """Tasks `worker` could not even run: what opens its breaker."""
+        for _ in range(times):
+            task_id = self.submit()
+            self.finish(task_id, self.lease(task_id, worker), status="error", reason="argv[0] not found")
+
     def finish(self, task_id: str, lease_id: str, status: str = "succeeded", **outcome) -> dict:
         exit_code = 0 if status == "succeeded" else 1
         report = t.Report(task_id, lease_id, t.Outcome(status=status, exit_code=exit_code, **outcome))
@@ -125,9 +131,7 @@ def test_assignment_respects_labels_resources_slots_and_draining():
 def test_breaker_opens_on_infrastructure_failures_lets_one_probe_through_and_closes_on_success():
     c = Cluster()
     c.register()
-    for _ in range(t.BREAKER_THRESHOLD):
-        task_id = c.submit()
-        c.finish(task_id, c.lease(task_id), status="error", reason="argv[0] not found")
+    c.fail_infrastructure(t.BREAKER_THRESHOLD)
     assert c.workload.workers["w1"].breaker.state == "open"
     probe, other = c.submit(), c.submit()
     assert c.lease(probe) is None  # open: nothing during the cool-down
@@ -143,9 +147,7 @@ def test_breaker_opens_on_infrastructure_failures_lets_one_probe_through_and_clo
 def test_half_open_probe_failure_reopens_the_breaker():
     c = Cluster()
     c.register()
-    for _ in range(t.BREAKER_THRESHOLD):
-        task_id = c.submit()
-        c.finish(task_id, c.lease(task_id), status="error")
+    c.fail_infrastructure(t.BREAKER_THRESHOLD)
     c.now += t.BREAKER_COOLDOWN_S
     probe = c.submit()
     c.finish(probe, c.lease(probe), status="failed")
@@ -226,9 +228,7 @@ def test_a_lease_never_taken_up_returns_to_the_queue_without_counting_the_attemp
 def test_a_cancelled_probe_releases_the_breaker_for_the_next_one():
     c = Cluster()
     c.register()
-    for _ in range(t.BREAKER_THRESHOLD):
-        task_id = c.submit()
-        c.finish(task_id, c.lease(task_id), status="error")
+    c.fail_infrastructure(t.BREAKER_THRESHOLD)
     c.now += t.BREAKER_COOLDOWN_S
     probe, nxt = c.submit(), c.submit()
     lease = c.lease(probe)
