@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from peers import machine_line, percentile  # noqa: E402
-from throughput import IDLE_LEAVES  # noqa: E402
+from throughput import summarize_profile  # noqa: E402
 
 from dtfd.devcluster import LocalCluster, write_configs, write_worker_config  # noqa: E402
 from dtfd.state.tasks import TERMINAL  # noqa: E402
@@ -151,24 +151,7 @@ def print_profile(spy: subprocess.Popen, raw: Path) -> None:
     except subprocess.TimeoutExpired:
         spy.kill()
         spy.wait()
-    if not raw.exists():
-        print("py-spy wrote no profile (needs ptrace: run as root or with CAP_SYS_PTRACE)")
-        return
-    own: collections.Counter[str] = collections.Counter()
-    inclusive: collections.Counter[str] = collections.Counter()
-    for line in raw.read_text().splitlines():
-        stack, _, count = line.rpartition(" ")
-        frames = [frame.split(" (")[0] + " (" + frame.rsplit("/", 1)[-1].split(":")[0] + ")" for frame in stack.split(";") if frame]
-        if frames and frames[-1].split(" (")[0] not in IDLE_LEAVES:
-            own[frames[-1]] += int(count)
-            inclusive.update(dict.fromkeys(frames, int(count)))
-    busy = sum(own.values())
-    print(f"\npy-spy on the leader during the first run: {busy} busy samples at 200 Hz (idle waits left out)")
-    for title, counter, rows in (("own %", own, 15), ("incl %", inclusive, 25)):
-        print(f"\n{title:>6}  function (file)")
-        for frame, n in counter.most_common(rows):
-            print(f"{100 * n / max(busy, 1):>6.1f}  {frame}")
-    print(f"(raw stacks: {raw})")
+    summarize_profile(raw, "py-spy on the leader during the first run, 200 Hz")
 
 
 def print_table(rows: list[Measured], workers: int, slots: int, batch: int) -> None:

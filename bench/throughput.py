@@ -205,6 +205,11 @@ def profile(cluster: Dtf, script: Path, clients: int, seconds: float, out: Path)
         if spy.poll() is None:
             spy.kill()
             spy.wait()
+    summarize_profile(raw, f"py-spy on the dtf leader, {clients} clients, 200 Hz for {seconds:.0f} s")
+
+
+def summarize_profile(raw: Path, heading: str) -> None:
+    """The hottest functions of a py-spy raw profile, by own and inclusive busy samples."""
     if not raw.exists():
         print("py-spy wrote no profile (needs ptrace: run as root or with CAP_SYS_PTRACE)")
         return
@@ -224,13 +229,13 @@ def profile(cluster: Dtf, script: Path, clients: int, seconds: float, out: Path)
         own[frames[-1]] += n
         for frame in set(frames):
             total[frame] += n
-    print(f"\npy-spy on the dtf leader, {clients} clients, 200 Hz for {seconds:.0f} s: {busy} busy samples, {idle} idle waits left out")
+    print(f"\n{heading}: {busy} busy samples, {idle} idle waits left out")
     print(f"{'own %':>6}  function (file), share of busy samples, all threads")
     for frame, n in own.most_common(15):
-        print(f"{100 * n / busy:>6.1f}  {frame}")
+        print(f"{100 * n / max(busy, 1):>6.1f}  {frame}")
     print(f"\n{'incl %':>6}  function (file)")
     for frame, n in total.most_common(25):
-        print(f"{100 * n / busy:>6.1f}  {frame}")
+        print(f"{100 * n / max(busy, 1):>6.1f}  {frame}")
     print(f"(raw stacks: {raw})")
 
 
