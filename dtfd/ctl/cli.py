@@ -313,7 +313,7 @@ def wait_for_run(client: Client, run_id: str, total: int, console: Console, quie
                   console=console, disable=quiet, transient=False) as progress:
         bar = progress.add_task(f"run {run_id}", total=total)
         while True:
-            summary = client.request("GET", f"/v1/runs/{run_id}", params={"stale": "ok"}, deadline_s=60)
+            summary = client.request("GET", f"/v1/runs/{run_id}", deadline_s=60)  # linearizable: sees our own submit
             done = sum(n for state, n in summary["states"].items() if state in render.TERMINAL)
             failed = sum(n for state, n in summary["states"].items() if state in render.FAILED)
             progress.update(bar, completed=done, description=f"run {run_id} ({failed} failed)" if failed else f"run {run_id}")

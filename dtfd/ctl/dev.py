@@ -109,7 +109,7 @@ def demo(console: Console) -> int:
         killed = ""
         with Live(console=console, refresh_per_second=4) as live:
             while True:
-                summary = client.request("GET", "/v1/runs/demo", params={"stale": "ok"}, deadline_s=60)
+                summary = client.request("GET", "/v1/runs/demo", deadline_s=60)
                 done = sum(n for s, n in summary["states"].items() if s in render.TERMINAL)
                 view = cluster_view(client)
                 line = Text(f"run demo: {done}/{summary['total']} finished " + ", ".join(f"{n} {s}" for s, n in sorted(summary["states"].items())))
@@ -123,7 +123,7 @@ def demo(console: Console) -> int:
                 time.sleep(0.25)
         console.print()
         tasks = client.request("GET", "/v1/tasks", params={"run": "demo", "limit": "500"})["tasks"]
-        results = [client.request("GET", f"/v1/tasks/{t['id']}", params={"stale": "ok"}) for t in tasks]
+        results = [client.request("GET", f"/v1/tasks/{t['id']}") for t in tasks]
         terminal_records = [sum(1 for h in task["history"] if h["to_state"] in render.TERMINAL) for task in results]
         lost = sum(1 for task in results if task["state"] not in render.TERMINAL or task["state"] == "lost")
         console.print(render.run(client.request("GET", "/v1/runs/demo")))
