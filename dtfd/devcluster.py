@@ -13,6 +13,7 @@ import socket
 import ssl
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,16 +24,29 @@ import tomli_w
 ADMIN_TOKEN_NAME = "admin"
 
 
+_handed_out: set[int] = set()
+_handing_out = threading.Lock()
+
+
 def free_ports(count: int) -> list[int]:
-    """Ports the kernel hands out now; bound together so they differ."""
-    sockets = [socket.socket() for _ in range(count)]
-    try:
-        for s in sockets:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
+    """Ports the kernel hands out now, never one this process handed out before: a port picked
+    for one cluster and not yet bound must not be picked again for a proxy or a second cluster."""
+    with _handing_out:
+        held: list[socket.socket] = []
+        ports: list[int] = []
+        try:
+            while len(ports) < count:
+                s = socket.socket()
+                held.append(s)
+                s.bind(("127.0.0.1", 0))
+                port = s.getsockname()[1]
+                if port not in _handed_out:
+                    ports.append(port)
+            _handed_out.update(ports)
+            return ports
+        finally:
+            for s in held:
+                s.close()
 
 
 def _write_private(path: Path, text: str) -> None:
@@ -204,4 +218,15 @@ class LocalCluster:
                 if any(v["id"] == leader and v["role"] == "leader" for v in views):
                     return leader
             time.sleep(0.02)
-        raise TimeoutError(f"no agreed leader among {nodes} within {timeout}s")
+        raise TimeoutError(f"no agreed leader among {nodes} within {timeout}s\n{self.describe(nodes)}")
+
+    def describe(self, nodes: list[str], lines: int = 15) -> str:
+        """What each node says and the end of its log: the context a failed wait needs."""
+        parts = []
+        for node in nodes:
+            proc = self.procs.get(node)
+            state = "not started" if proc is None else ("running" if proc.poll() is None else f"exited {proc.returncode}")
+            log = self.files.directory / f"{node}.log"
+            tail = log.read_text(errors="replace").splitlines()[-lines:] if log.exists() else []
+            parts.append(f"--- {node}: {state}, status {self.status(node)}\n" + "\n".join(tail))
+        return "\n".join(parts)
