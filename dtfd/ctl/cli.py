@@ -39,7 +39,7 @@ def _common(defaults: bool) -> Parser:
     default = (lambda value: value) if defaults else (lambda value: argparse.SUPPRESS)
     common.add_argument("--cluster", default=default(None), help="node URLs, comma-separated (default: $DTF_CLUSTER or the config file)")
     common.add_argument("--token", default=default(None), help="bearer token (default: $DTF_TOKEN or the config file)")
-    common.add_argument("--config", default=default(None), help="dtfctl config file (default: ~/.config/dtf/dtfctl.toml)")
+    common.add_argument("--config", default=default(None), help="dtfctl config file (default: ~/.config/dtf/dtfctl.toml, else /etc/dtf/dtfctl.toml)")
     common.add_argument("--json", action="store_true", default=default(False), help="machine-readable output")
     common.add_argument("--debug", action="store_true", default=default(False), help="show tracebacks")
     return common

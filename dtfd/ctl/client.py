@@ -12,6 +12,8 @@ from pathlib import Path
 import httpx
 
 DEFAULT_CONFIG = Path(os.environ.get("XDG_CONFIG_HOME", Path.home() / ".config")) / "dtf" / "dtfctl.toml"
+# Written by the Debian package's postinst (mode 0600, root's): used when DEFAULT_CONFIG is absent.
+SYSTEM_CONFIG = Path("/etc/dtf/dtfctl.toml")
 
 
 class CtlError(Exception):
@@ -32,7 +34,7 @@ class Target:
     def resolve(cls, cluster: str | None, token: str | None, config: str | None) -> Target:
         """--cluster/--token, then DTF_CLUSTER/DTF_TOKEN, then the dtfctl config file."""
         file: dict = {}
-        path = Path(config) if config else DEFAULT_CONFIG
+        path = Path(config) if config else DEFAULT_CONFIG if DEFAULT_CONFIG.exists() else SYSTEM_CONFIG
         if config or path.exists():
             try:
                 file = tomllib.loads(path.read_text())
