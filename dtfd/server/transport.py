@@ -35,6 +35,7 @@ VERSION = 1
 LOG_EVERY_S = 10.0  # repeated refusals from one peer are logged once per this interval
 MAC_BYTES = 16
 MAX_FRAME = 64 << 20
+BATCH_BYTES = MAX_FRAME // 4  # a batch stops growing here: queued snapshot chunks must not add up past MAX_FRAME
 HANDSHAKE_TIMEOUT = 5.0
 _length = struct.Struct(">I")
 
@@ -117,8 +118,23 @@ def _decode(kind: type, payload: bytes | None) -> msgspec.Struct:
         raise LinkError("connection closed during handshake")
     try:
         return msgspec.msgpack.decode(payload, type=kind)
-    except msgspec.DecodeError as exc:
+    except (msgspec.DecodeError, UnicodeDecodeError) as exc:  # msgspec lets bad UTF-8 in a string through as the latter
         raise LinkError(f"bad {kind.__name__}: {exc}") from None
+
+
+def _payload_bytes(m: Message) -> int:
+    """The bulk of a message's frame: its snapshot chunk or entries (0 for what is not a Message, e.g. a test's garbage)."""
+    if not isinstance(m, Message):
+        return 0
+    return len(m.snapshot.data) if m.snapshot else sum(len(e.data) for e in m.entries)
+
+
+def decode_batch(payload: bytes) -> list[Message]:
+    """The messages of one frame; LinkError if it does not decode."""
+    try:
+        return _batch_decoder.decode(payload)
+    except (msgspec.DecodeError, UnicodeDecodeError) as exc:
+        raise LinkError(f"undecodable frame: {exc}") from None
 
 
 @dataclass
@@ -226,12 +242,13 @@ class Transport:
 
     async def _pump(self, framed: _Framed, queue: trio.MemoryReceiveChannel[Message], stats: PeerStats) -> None:
         async for first in queue:
-            batch = [first]
-            while len(batch) < 1024:
+            batch, size = [first], _payload_bytes(first)
+            while len(batch) < 1024 and size < BATCH_BYTES:
                 try:
                     batch.append(queue.receive_nowait())
                 except trio.WouldBlock:
                     break
+                size += _payload_bytes(batch[-1])
             await framed.send(_encoder.encode(batch))
             stats.sent += len(batch)
 
@@ -257,11 +274,7 @@ class Transport:
                     peer = await self._accept_handshake(framed)
                 log.info("peer link up %s", fields(peer=peer, direction="in"))
                 while (payload := await framed.receive()) is not None:
-                    try:
-                        batch = _batch_decoder.decode(payload)
-                    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-                        raise LinkError(f"undecodable frame: {exc}") from None
-                    for m in batch:
+                    for m in decode_batch(payload):
                         if m.src != peer:
                             raise LinkError(f"message claims src {m.src!r} on {peer}'s link")
                         await self._inbox.send(m)

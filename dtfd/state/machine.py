@@ -120,7 +120,7 @@ class StateMachine:
         self.image.applied = index
         try:
             envelope = decode_envelope(data)
-        except (msgspec.DecodeError, msgspec.ValidationError):
+        except (msgspec.DecodeError, UnicodeDecodeError):  # msgspec raises the latter for bad UTF-8 in a string
             return None, Result(ok=False, error="undecodable", index=index)
         if not envelope.client:
             return envelope, self._execute(envelope.command, envelope.at, index)

@@ -2,6 +2,7 @@
 
 import time
 
+import msgspec
 import pytest
 import trio
 import trio.testing
@@ -172,6 +173,93 @@ async def test_frames_replayed_on_another_session_or_reordered_are_refused():
     await reorder_stream.send_all(captured[1])  # the second frame first
     with pytest.raises(transport.LinkError):
         await reorder.receive()
+
+
+async def _recording_proxy(nursery: trio.Nursery, target_port: int, captured: bytearray) -> int:
+    """A TCP proxy to `target_port` that keeps every byte the dialing side sends: an eavesdropper's capture."""
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+
+    async def pump(src: trio.abc.Stream, dst: trio.abc.Stream, record: bool, done: trio.CancelScope) -> None:
+        try:
+            while data := await src.receive_some(1 << 16):
+                if record:
+                    captured.extend(data)
+                await dst.send_all(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+        done.cancel()
+
+    async def relay(client: trio.SocketStream) -> None:
+        async with client, await trio.open_tcp_stream("127.0.0.1", target_port) as server:
+            async with trio.open_nursery() as both:
+                both.start_soon(pump, client, server, True, both.cancel_scope)
+                both.start_soon(pump, server, client, False, both.cancel_scope)
+
+    nursery.start_soon(trio.serve_listeners, relay, listeners)
+    return listeners[0].socket.getsockname()[1]
+
+
+async def _replay(port: int, recording: bytes) -> None:
+    """Play a recording to a node on a fresh connection and read until the node hangs up."""
+    with trio.fail_after(10):
+        async with await trio.open_tcp_stream("127.0.0.1", port) as stream:
+            await stream.send_all(recording)
+            try:
+                while await stream.receive_some(1 << 16):
+                    pass
+            except trio.BrokenResourceError:
+                pass
+
+
+async def test_a_captured_peer_stream_replayed_on_a_new_connection_or_after_a_restart_is_refused():
+    """Everything an eavesdropper captured of a live link (handshake and frames) is refused when played back."""
+    async with trio.open_nursery() as nursery:
+        cluster = Cluster(["a", "b"])
+        await cluster.start(nursery)
+        captured = bytearray()
+        proxy = await _recording_proxy(nursery, cluster.ports["b"], captured)
+        send, _ = trio.open_memory_channel[Message](10)
+        dialer = transport.Transport("a", {"b": ("127.0.0.1", proxy)}, SECRET, send)  # "a", over the tapped wire
+        tapped = trio.CancelScope()
+
+        async def dial() -> None:
+            with tapped:
+                await dialer.run([])
+
+        nursery.start_soon(dial)
+        dialer.send([_msg("a", "b", 42)])
+        assert await _receive(cluster.inboxes["b"], 1) == [_msg("a", "b", 42)]
+        tapped.cancel()
+        assert len(captured) > 100  # hello, proof and the frame
+
+        for restarted in (False, True):
+            if restarted:
+                cluster.stop("b")
+                await cluster.restart(nursery, "b")
+            receiver = cluster.transports["b"]
+            refused = receiver.errors["handshake"]
+            await _replay(cluster.ports["b"], bytes(captured))
+            with trio.fail_after(10):  # the old proof does not answer a new challenge
+                while receiver.errors["handshake"] < refused + 1:
+                    await trio.sleep(0.005)
+            with pytest.raises(trio.WouldBlock):
+                cluster.inboxes["b"].receive_nowait()  # nothing delivered
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_hello_with_bad_utf8_is_refused_and_the_node_keeps_serving():
+    """Before any authentication: this once escaped the handshake as UnicodeDecodeError and ended the transport."""
+    async with trio.open_nursery() as nursery:
+        cluster = Cluster(["a", "b"])
+        await cluster.start(nursery)
+        hello = msgspec.msgpack.encode(transport.Hello(transport.VERSION, "a", "b", b"n" * 16)).replace(b"\xa1a", b"\xa1\x80")
+        await _replay(cluster.ports["b"], len(hello).to_bytes(4, "big") + hello)
+        with trio.fail_after(10):
+            while cluster.transports["b"].errors["handshake"] < 1:
+                await trio.sleep(0.005)
+        cluster.transports["a"].send([_msg("a", "b", 5)])
+        assert await _receive(cluster.inboxes["b"], 1) == [_msg("a", "b", 5)]
+        nursery.cancel_scope.cancel()
 
 
 async def test_oversized_length_prefix_is_refused_without_reading_it():
