@@ -125,6 +125,32 @@ class Raft:
             self._send_append(to)
         return None
 
+    def step_down(self) -> NotLeader | None:
+        """Stop leading, staying in this term: for a stale leader that cannot see the newer one.
+
+        Always safe: a leader may become a follower at any time; it only costs availability.
+        """
+        if self.role is not Role.LEADER:
+            return NotLeader(self.leader)
+        self._become_follower(self.term, NONE)
+        return None
+
+    def send_snapshot(self, to: NodeId) -> NotLeader | Refused | None:
+        """Catch a follower up from the latest snapshot instead of entry by entry (a slow follower).
+
+        Its unpersisted backlog is replaced by the snapshot, which holds only committed state.
+        """
+        if self.role is not Role.LEADER:
+            return NotLeader(self.leader)
+        pr = self.progress.get(to)
+        if pr is None or to == self.id:
+            return Refused(f"{to} is not a follower of this leader")
+        if self.snapshot is None or self.snapshot.meta.index <= pr.match:
+            return Refused(f"no snapshot beyond {to}'s match index {pr.match}: compact first")
+        pr.become_snapshot(self.snapshot.meta.index)
+        self._send_snapshot_chunk(to, pr)
+        return None
+
     def set_timing(self, heartbeat: int, election_min: int, election_max: int) -> None:
         """Change timeouts (in ticks) at run time; they apply from the next timer reset."""
         self.config = dataclasses.replace(

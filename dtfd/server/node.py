@@ -14,6 +14,7 @@ the API and the peers while the disk catches up.
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import logging
 import time
@@ -34,6 +35,8 @@ log = logging.getLogger("dtf.node")
 INLINE_PERSIST_S = 0.002  # every one of the last RECENT_PERSISTS took less: persist on the loop
 INLINE_PERSIST_BYTES = 256 * 1024
 RECENT_PERSISTS = 8
+CHECKSUM_LOOP_SHARE = 0.1  # encoding the state for /v1/status takes at most this share of the event loop
+CHECKPOINTS_KEPT = 4  # recent (index, checksum) pairs in /v1/status, so nodes at different indexes still share one
 
 
 class NotLeaderError(Exception):
@@ -52,6 +55,7 @@ class Unavailable(Exception):
 class Timing:
     tick_s: float
     snapshot_every: int
+    checksum_every: int = 1000  # a checkpoint (index, state checksum) at every multiple of this index
 
 
 @dataclass
@@ -93,6 +97,11 @@ class Node:
         self._reads: dict[bytes, _Read] = {}
         self._read_ids = itertools.count(1)
         self._checksum: tuple[int, str] = (-1, "")
+        self._checksum_due = 0.0  # monotonic: when the state may be encoded again for a checksum
+        self.checkpoints: deque[tuple[int, str]] = deque(maxlen=CHECKPOINTS_KEPT)
+        self._unhashed: list[tuple[int, bytes]] = []  # checkpoints encoded, not yet hashed
+        self._hash_wake = trio.Event()
+        self._compactions: list[trio.Event] = []  # compactions asked for, done between two Readys
         self.started = time.monotonic()
         self.leader_changes = 0
         self.healthy = True
@@ -141,6 +150,30 @@ class Node:
         self._raise_refusal(self.core.transfer_leadership(to))
         self._wake.set()
 
+    def step_down(self) -> None:
+        self._raise_refusal(self.core.step_down())
+        self._wake.set()
+
+    async def compact_now(self, timeout: float = 30.0) -> None:
+        """Snapshot the applied state and truncate the log behind it now (an operator's or recoveryd's request)."""
+        done = trio.Event()
+        self._compactions.append(done)
+        self._wake.set()
+        with trio.move_on_after(timeout):
+            await done.wait()
+        if not done.is_set():
+            raise Unavailable(f"compaction did not finish within {timeout:g}s")
+
+    async def catch_up(self, to: str) -> None:
+        """Send follower `to` the latest snapshot, taken now if the last one does not reach past its match index."""
+        if not self.is_leader:
+            raise NotLeaderError(self.core.leader)
+        progress = self.core.status().progress[to]
+        if self.core.log.snapshot_index <= progress.match:
+            await self.compact_now()
+        self._raise_refusal(self.core.send_snapshot(to))
+        self._wake.set()
+
     def step(self, message: Message) -> None:
         self.core.step(message)
         self._wake.set()
@@ -148,11 +181,24 @@ class Node:
     def last_tick_age(self) -> float:
         return time.monotonic() - self.last_tick
 
-    def checksum(self) -> str:
+    async def checksum(self) -> tuple[int, str]:
+        """(index, SHA-256 of the state there), for /v1/status.
+
+        The state is encoded on the loop, where it is consistent, and hashed in a worker
+        thread. A big state under load is encoded again only when that keeps the encoding
+        under CHECKSUM_LOOP_SHARE of the loop's time; meanwhile the last pair is answered,
+        so the index may trail the applied index (by under a second at 100 MB).
+        """
         applied = self.machine.applied
-        if self._checksum[0] != applied:
-            self._checksum = (applied, self.machine.checksum())
-        return self._checksum[1]
+        if self._checksum[0] == applied or (self._checksum[0] >= 0 and time.monotonic() < self._checksum_due):
+            return self._checksum
+        started = time.monotonic()
+        data = self.machine.snapshot()
+        self._checksum_due = started + (time.monotonic() - started) / CHECKSUM_LOOP_SHARE
+        digest = await trio.to_thread.run_sync(_sha256, data)
+        if applied > self._checksum[0]:
+            self._checksum = (applied, digest)
+        return applied, digest
 
     @staticmethod
     def _raise_refusal(outcome: object) -> None:
@@ -167,6 +213,7 @@ class Node:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._ticker)
             nursery.start_soon(self._ready_loop)
+            nursery.start_soon(self._hash_checkpoints)
 
     async def _ticker(self) -> None:
         deadline = trio.current_time()
@@ -197,6 +244,8 @@ class Node:
                 self.core.advance(rd)
                 self._note_role()
                 await self._maybe_compact()
+            if self._compactions:
+                await self._maybe_compact(asked=True)
 
     def _persist_inline(self, rd: Ready) -> bool:
         return (
@@ -218,6 +267,7 @@ class Node:
         if rd.snapshot:
             self.machine.restore(rd.snapshot.data)
             log.info("snapshot installed %s", fields(node=self.id, index=rd.snapshot.meta.index))
+            self._checkpoint()
         for entry in rd.committed:
             if entry.kind is EntryKind.NORMAL:
                 envelope, result = self.machine.apply_decoded(entry.index, entry.data)
@@ -227,6 +277,7 @@ class Node:
             else:
                 self.machine.mark_applied(entry.index)
                 result = None
+            self._checkpoint()
             waiter = self._proposals.get(entry.index)
             if waiter is not None:
                 waiter.result = result if entry.term == waiter.term else Unavailable("lost to a leader change")
@@ -240,13 +291,33 @@ class Node:
             if read.index is not None and read.index <= applied:
                 read.event.set()
 
-    async def _maybe_compact(self) -> None:
+    async def _maybe_compact(self, asked: bool = False) -> None:
         applied = self.machine.applied
-        if applied - self.core.log.snapshot_index < self.timing.snapshot_every or applied > self.core.log.applied:
-            return
-        snapshot = self.core.compact(applied, self.machine.snapshot())
-        await trio.to_thread.run_sync(self.storage.compact, snapshot)
-        log.info("log compacted %s", fields(node=self.id, index=applied, bytes=len(snapshot.data)))
+        waiting, self._compactions = (self._compactions, []) if asked else ([], self._compactions)
+        due = asked or applied - self.core.log.snapshot_index >= self.timing.snapshot_every
+        if due and self.core.log.snapshot_index < applied <= self.core.log.applied:
+            snapshot = self.core.compact(applied, self.machine.snapshot())
+            await trio.to_thread.run_sync(self.storage.compact, snapshot)
+            log.info("log compacted %s", fields(node=self.id, index=applied, bytes=len(snapshot.data), asked=asked))
+        for event in waiting:
+            event.set()
+
+    def _checkpoint(self) -> None:
+        """Every node checksums its state at the same indexes, so recoveryd can compare them under load.
+
+        The image is encoded here, at its index; _hash_checkpoints hashes it off the loop.
+        """
+        if self.machine.applied % self.timing.checksum_every == 0:
+            self._unhashed = [*self._unhashed, (self.machine.applied, self.machine.snapshot())][-CHECKPOINTS_KEPT:]
+            self._hash_wake.set()
+
+    async def _hash_checkpoints(self) -> None:
+        while True:
+            await self._hash_wake.wait()
+            self._hash_wake = trio.Event()
+            pending, self._unhashed = self._unhashed, []
+            for index, data in pending:
+                self.checkpoints.append((index, await trio.to_thread.run_sync(_sha256, data)))
 
     def _note_role(self) -> None:
         seen = (self.core.role, self.core.term, self.core.leader)
@@ -266,3 +337,7 @@ class Node:
             if read.index is None:
                 read.event.set()
 
+
+def _sha256(data: bytes) -> str:
+    """StateMachine.checksum() of an encoded image; hashlib releases the GIL, so it runs in a worker thread."""
+    return hashlib.sha256(data).hexdigest()

@@ -1,0 +1,75 @@
+"""The two Raft operations recoveryd uses besides restarts: a stale leader's step-down and snapshot catch-up."""
+
+import pytest
+
+from dtfd.raft import NotLeader, Refused, Role
+
+from tests.unit.raft_net import MT, Net
+
+STATE = bytes(range(64))
+
+
+def test_a_stale_leader_in_a_minority_steps_down_on_request_and_the_cluster_keeps_one_leader():
+    """Without CheckQuorum an isolated leader never notices the newer one; asked, it becomes a follower of its own term."""
+    net = Net(3, check_quorum=False)
+    old_term = net.elect("n1")
+    net.isolate("n1")
+    net.tick_until(lambda: any(net.raft(n).role is Role.LEADER for n in ("n2", "n3")))
+    stale = net.raft("n1")
+    assert stale.role is Role.LEADER and stale.term == old_term  # split brain: two claim leadership
+    vote = stale.vote
+    assert stale.step_down() is None
+    net.process("n1")
+    assert (stale.role, stale.term, stale.leader, stale.vote) == (Role.FOLLOWER, old_term, "", vote)
+    net.heal()
+    net.tick_until(lambda: len(net.leaders()) == 1 and net.raft("n1").leader == net.leader())
+    assert net.leader() != "n1"
+
+
+def test_step_down_on_a_follower_names_the_leader():
+    net = Net(3)
+    net.elect("n1")
+    assert net.raft("n2").step_down() == NotLeader("n1")
+
+
+def test_a_follower_is_caught_up_from_the_snapshot_instead_of_its_backlog():
+    net = Net(3)
+    net.elect("n1")
+    starved = net.drop_if(lambda m: m.type is MT.APPEND and m.dst == "n3")  # n3 hears heartbeats, gets no entries
+    for i in range(10):
+        net.propose("n1", b"%d" % i)
+    leader = net.raft("n1")
+    assert leader.status().progress["n3"].match < leader.log.committed
+    snap = net.compact("n1", leader.log.applied, STATE)
+    assert leader.send_snapshot("n3") is None
+    net.process("n1")
+    net.deliver()
+    assert net.nodes["n3"].restored == [snap]
+    assert leader.status().progress["n3"].match == snap.meta.index
+    net.drops.remove(starved)
+    net.tick(net.nodes["n1"].config.heartbeat)  # the probe append sent while starved was lost; a heartbeat resends it
+    net.propose("n1", b"after")
+    assert net.nodes["n3"].applied_data() == [b"after"]
+
+
+@pytest.mark.parametrize(("node", "to", "compact", "expected"), [
+    ("n2", "n3", True, NotLeader),  # only the leader holds the progress
+    ("n1", "n1", True, Refused),
+    ("n1", "n9", True, Refused),
+    ("n1", "n3", False, Refused),  # no snapshot yet: compact first
+])
+def test_snapshot_catch_up_is_refused_when_it_cannot_help(node, to, compact, expected):
+    net = Net(3)
+    net.elect("n1")
+    net.propose("n1", b"x")
+    if compact:
+        net.compact("n1", net.raft("n1").log.applied, STATE)
+    assert isinstance(net.raft(node).send_snapshot(to), expected)
+
+
+def test_snapshot_catch_up_of_a_follower_that_already_holds_it_is_refused():
+    net = Net(3)
+    net.elect("n1")
+    net.propose("n1", b"x")
+    net.compact("n1", net.raft("n1").log.applied, STATE)
+    assert isinstance(net.raft("n1").send_snapshot("n2"), Refused)  # n2's match index is the snapshot's
