@@ -2,8 +2,11 @@
 
 Start-up failures get one clear log line and a distinct exit code, so systemd and
 recoveryd can tell them apart: 78 config, 65 corrupt data, 75 data dir locked,
-74 storage I/O, 69 listen address unavailable. SIGTERM hands leadership over first;
-SIGHUP reloads what can change at run time (log level, tokens).
+74 storage I/O, 69 listen address unavailable. A write or fsync that fails while running
+also ends the process with 74, at once: after a failed fsync the storage refuses further
+writes, and serving on could acknowledge what the disk dropped; the supervisor restarts
+the node on what is durable. SIGTERM hands leadership over first; SIGHUP reloads what can
+change at run time (log level, tokens).
 """
 
 from __future__ import annotations
@@ -24,14 +27,16 @@ from dtfd.scheduler.scheduler import Policy, Scheduler
 from dtfd.scheduler.shedding import RateLimiter
 from dtfd.server import auth, http, tls
 from dtfd.server.api import Api
+from dtfd.server.faults import Faults
 from dtfd.server.metrics import Metrics
 from dtfd.server.node import Node, Timing
 from dtfd.server.notify import Notifier
 from dtfd.server.recorder import Recorder
 from dtfd.server.transport import Transport
 from dtfd.server.workload_api import WorkloadApi
+from dtfd.storage import failpoints
 from dtfd.storage.datadir import clear_rejoin, open_or_exit, rejoin_term
-from dtfd.storage.interface import EX_IOERR, StorageFailed
+from dtfd.storage.interface import EX_IOERR, LogStorage, StorageFailed
 
 log = logging.getLogger("dtf.daemon")
 
@@ -91,8 +96,8 @@ async def serve(cfg: config.NodeConfig, config_path: str) -> int:
     secret = read_secret(cfg.config.cluster.secret_file)
     tokens = auth.load_tokens(cfg.config.api.tokens_file)
     server_ssl, client_ssl = tls.server_context(cfg.config.tls), tls.client_context(cfg.config.tls)
-    fsync = os.fdatasync if cfg.config.storage.fsync else (lambda fd: None)
-    storage = open_or_exit(str(cfg.data_dir), segment_size=cfg.config.storage.segment_bytes, fsync=fsync)
+    write, fsync = failpoints.io(os.write, os.fdatasync if cfg.config.storage.fsync else (lambda fd: None))  # test-only faults, if asked for
+    storage = failpoints.storage(open_or_exit(str(cfg.data_dir), segment_size=cfg.config.storage.segment_bytes, write=write, fsync=fsync))
     try:
         peer_listeners = await _listen(cfg.node.peer, "cluster.nodes.peer")
         api_listeners: list = await _listen(cfg.node.api, "cluster.nodes.api")
@@ -101,9 +106,11 @@ async def serve(cfg: config.NodeConfig, config_path: str) -> int:
         send, inbox = trio.open_memory_channel[Message](10_000)
         peers = {p.id: config.parse_address(p.peer, "cluster.nodes.peer") for p in cfg.peers}
         transport = Transport(cfg.node.id, peers, secret, send, server_ssl=server_ssl, client_ssl=client_ssl)
-        timing = Timing(cfg.config.raft.tick_ms / 1000, cfg.config.raft.snapshot_every_entries)
+        timing = Timing(cfg.config.raft.tick_ms / 1000, cfg.config.raft.snapshot_every_entries, cfg.config.raft.checksum_every_entries)
         metrics = Metrics()
-        node = Node(raft_config(cfg, rejoin_term(str(cfg.data_dir))), storage, timing, transport.send, metrics.fsync_seconds.observe)
+        faults = Faults.from_env(cfg.node.id)  # test-only, None unless DTF_NODE_FAULTS is set
+        send = faults.sender(transport.send) if faults else transport.send
+        node = Node(raft_config(cfg, rejoin_term(str(cfg.data_dir))), storage, timing, send, metrics.fsync_seconds.observe)
         metrics.watch(node, transport)
         api = Api(node, metrics, tokens, {n.id: n.api for n in cfg.config.cluster.nodes}, client_ssl)
         w = cfg.config.workload
@@ -117,7 +124,9 @@ async def serve(cfg: config.NodeConfig, config_path: str) -> int:
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(transport.run, peer_listeners)
-                nursery.start_soon(_deliver, inbox, node)
+                nursery.start_soon(_deliver, inbox, node, faults)
+                if faults:
+                    nursery.start_soon(faults.run, node)
                 nursery.start_soon(node.run)
                 nursery.start_soon(scheduler.run)
                 nursery.start_soon(recorder.run)
@@ -130,13 +139,14 @@ async def serve(cfg: config.NodeConfig, config_path: str) -> int:
                 await _until_stopped(node, api, notifier, config_path)
                 nursery.cancel_scope.cancel()
         except* StorageFailed as group:
-            failure = group.exceptions[0]
+            failure = _first(group)
         else:
             failure = None
         finally:
             await api.forwarder.aclose()
     finally:
-        storage.close()
+        closing = _close(storage)
+    failure = failure or closing
     if failure is not None:
         log.critical("storage failed, stopped %s", fields(node=cfg.node.id, error=failure))
         return EX_IOERR
@@ -144,9 +154,27 @@ async def serve(cfg: config.NodeConfig, config_path: str) -> int:
     return 0
 
 
-async def _deliver(inbox: trio.MemoryReceiveChannel[Message], node: Node) -> None:
+def _first(error: BaseException) -> BaseException:
+    """The first real exception inside (nested) exception groups: what the log line names."""
+    while isinstance(error, BaseExceptionGroup):
+        error = error.exceptions[0]
+    return error
+
+
+def _close(storage: LogStorage) -> StorageFailed | None:
+    """Close the storage; failing to write its last hard state (disk full) is a storage failure
+    like any other, reported with exit 74, not a traceback."""
+    try:
+        storage.close()
+    except StorageFailed as e:
+        return e
+    return None
+
+
+async def _deliver(inbox: trio.MemoryReceiveChannel[Message], node: Node, faults: Faults | None = None) -> None:
     async for message in inbox:
-        node.step(message)
+        if faults is None or not faults.drops(message):
+            node.step(message)
 
 
 async def _until_rejoined(node: Node, data_dir: str) -> None:
