@@ -19,64 +19,47 @@ import httpx
 import msgspec
 
 from dtfd import __version__
-from dtfd.scheduler.shedding import RateLimiter
 from dtfd.server import auth, openapi
+from dtfd.server import bodies as b
 from dtfd.server.http import Request, Response, error_response, json_response
 from dtfd.server.metrics import CONTENT_TYPE, Metrics
 from dtfd.server.node import Node, NotLeaderError, Unavailable
 from dtfd.state.health import RecordRecovery
-from dtfd.state.machine import Batch, Command, CompareAndSet, Delete, Envelope, Put, SetConfig
+from dtfd.state.machine import Batch, Command, CompareAndSet, Delete, Envelope, Put, Result, SetConfig
 
 FORWARDED = "x-dtf-forwarded"
 LEADER_HEADER = "X-Dtf-Leader"
 FORWARD_TIMEOUT_S = 30.0  # above the longest long-poll a worker may ask for
-AUTH_FAILURE_BURST = 20.0  # failed authentications one address may make at once ...
-AUTH_FAILURES_PER_S = 1.0  # ... and per second after that, before getting 429
-MAX_KEY = 256
 
 
-class ClientFields(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
-    client: str = ""  # with seq: a retry of the same (client, seq) is applied once
-    seq: int = 0
+class CompactBody(msgspec.Struct, forbid_unknown_fields=True):
+    """Nothing to say: the node snapshots its applied state and drops the log behind it."""
 
 
-class PutBody(ClientFields):
-    value: str
-
-
-class CasBody(ClientFields):
-    expected: str | None
-    value: str
-
-
-class BatchOp(msgspec.Struct, forbid_unknown_fields=True):
-    op: str  # put | delete | cas
-    key: str
-    value: str = ""
-    expected: str | None = None
-
-
-class BatchBody(ClientFields):
-    ops: list[BatchOp]
-
-
-MAX_BATCH = 10_000
-
-
-class TransferBody(msgspec.Struct, forbid_unknown_fields=True):
-    to: str = ""  # empty: the most caught-up follower
-
-
-class RecoveryBody(ClientFields):
-    """One finished recoveryd action, for the replicated history."""
-
+class Compacted(msgspec.Struct):
     node: str
-    failure: str
-    action: str
-    result: str
-    reason: str = ""
-    started: float = 0.0
-    finished: float = 0.0
+    snapshot_index: int
+    previous_snapshot_index: int
+
+
+class StepDownBody(msgspec.Struct, forbid_unknown_fields=True):
+    """Nothing to say: the node addressed stops leading (it is never forwarded)."""
+
+
+class SteppedDown(msgspec.Struct):
+    node: str
+    term: int
+
+
+class CatchUpBody(msgspec.Struct, forbid_unknown_fields=True):
+    to: str  # the follower to send the latest snapshot
+
+
+class CatchingUp(msgspec.Struct):
+    leader: str
+    to: str
+    snapshot_index: int
+    match_index: int  # the follower's, before the snapshot
 
 
 class BadRequest(Exception):
@@ -93,6 +76,8 @@ class Route:
     handler: Callable[..., Awaitable[Response]]
     name: str
     body: type[msgspec.Struct] | None = None  # decoded, validated and passed as `body`; also the OpenAPI schema
+    answer: type[msgspec.Struct] | None = None  # the success answer's schema in the OpenAPI document
+    query: type[msgspec.Struct] | None = None  # the query string, decoded, validated and passed as `query`
 
 
 class Api:
@@ -110,31 +95,34 @@ class Api:
         self.api_addresses = api_addresses
         self.draining = False
         self.in_flight = 0
-        self.auth_failures = RateLimiter(rate_per_s=AUTH_FAILURES_PER_S, burst=AUTH_FAILURE_BURST)
+        self.auth_failures = auth.Failures()
         self.scheme = "https" if client_ssl else "http"
         self.forwarder = httpx.AsyncClient(timeout=FORWARD_TIMEOUT_S, verify=client_ssl or True)
         r = re.compile
         key = r"(?P<key>[^/]+)"
         self.routes = [
-            Route("GET", r("/health"), None, self.health, "/health"),
-            Route("GET", r("/ready"), None, self.ready, "/ready"),
-            Route("GET", r("/leader"), None, self.leader, "/leader"),
+            Route("GET", r("/health"), None, self.health, "/health", None, b.HealthAnswer),
+            Route("GET", r("/ready"), None, self.ready, "/ready", None, b.ReadyAnswer),
+            Route("GET", r("/leader"), None, self.leader, "/leader", None, b.LeaderAnswer),
             Route("GET", r("/metrics"), None, self.render_metrics, "/metrics"),
-            Route("GET", r("/v1/openapi.json"), None, self.openapi, "/v1/openapi.json"),
-            Route("GET", r("/v1/status"), auth.READ, self.status, "/v1/status"),
-            Route("GET", r(f"/v1/kv/{key}"), auth.READ, self.kv_get, "/v1/kv/{key}"),
-            Route("PUT", r(f"/v1/kv/{key}"), auth.ADMIN, self.kv_put, "/v1/kv/{key}", PutBody),
-            Route("DELETE", r(f"/v1/kv/{key}"), auth.ADMIN, self.kv_delete, "/v1/kv/{key}", ClientFields),
-            Route("POST", r(f"/v1/kv/{key}/cas"), auth.ADMIN, self.kv_cas, "/v1/kv/{key}/cas", CasBody),
-            Route("POST", r("/v1/kv"), auth.ADMIN, self.kv_batch, "/v1/kv", BatchBody),
-            Route("PUT", r(f"/v1/config/{key}"), auth.ADMIN, self.config_put, "/v1/config/{key}", PutBody),
-            Route("POST", r("/v1/leadership/transfer"), auth.ADMIN, self.transfer, "/v1/leadership/transfer", TransferBody),
-            Route("GET", r("/v1/history"), auth.READ, self.history, "/v1/history"),
-            Route("POST", r("/v1/recovery"), auth.ADMIN, self.recovery, "/v1/recovery", RecoveryBody),
+            Route("GET", r("/v1/openapi.json"), None, self.openapi, "/v1/openapi.json", None, b.OpenApiAnswer),
+            Route("GET", r("/v1/status"), auth.READ, self.status, "/v1/status", None, b.StatusAnswer),
+            Route("GET", r(f"/v1/kv/{key}"), auth.READ, self.kv_get, "/v1/kv/{key}", None, b.KvAnswer),
+            Route("PUT", r(f"/v1/kv/{key}"), auth.ADMIN, self.kv_put, "/v1/kv/{key}", b.PutBody, Result),
+            Route("DELETE", r(f"/v1/kv/{key}"), auth.ADMIN, self.kv_delete, "/v1/kv/{key}", b.ClientFields, Result),
+            Route("POST", r(f"/v1/kv/{key}/cas"), auth.ADMIN, self.kv_cas, "/v1/kv/{key}/cas", b.CasBody, Result),
+            Route("POST", r("/v1/kv"), auth.ADMIN, self.kv_batch, "/v1/kv", b.BatchBody, Result),
+            Route("PUT", r(f"/v1/config/{key}"), auth.ADMIN, self.config_put, "/v1/config/{key}", b.PutBody, Result),
+            Route("POST", r("/v1/leadership/transfer"), auth.ADMIN, self.transfer, "/v1/leadership/transfer", b.TransferBody, b.TransferAnswer),
+            Route("GET", r("/v1/history"), auth.READ, self.history, "/v1/history", None, b.HistoryAnswer),
+            Route("POST", r("/v1/recovery"), auth.ADMIN, self.recovery, "/v1/recovery", b.RecoveryBody, Result),
+            Route("POST", r("/v1/admin/compact"), auth.ADMIN, self.compact, "/v1/admin/compact", CompactBody, Compacted),
+            Route("POST", r("/v1/admin/step-down"), auth.ADMIN, self.step_down, "/v1/admin/step-down", StepDownBody, SteppedDown),
+            Route("POST", r("/v1/admin/catch-up"), auth.ADMIN, self.catch_up, "/v1/admin/catch-up", CatchUpBody, CatchingUp),
         ]
 
     def add_routes(self, routes: list[tuple]) -> None:
-        """(method, pattern, roles, handler, name[, body type]) for each route."""
+        """(method, pattern, roles, handler, name[, body type[, answer type[, query type]]]) for each route."""
         for method, pattern, roles, handler, name, *body in routes:
             self.routes.append(Route(method, re.compile(pattern), roles, handler, name, *body))
 
@@ -169,19 +157,20 @@ class Api:
             presented = request.headers.get("authorization", "")
             token = self.tokens.identify(presented)
             if token is None:
-                address = request.peer.rpartition(":")[0]
-                wait = self.auth_failures.retry_after(address) if presented else 0.0
-                if wait:  # wrong tokens from one address, again and again: guessing; slow it down
-                    return error_response(429, "too_many_failures", "too many failed authentications from this address",
+                wait, limit = self.auth_failures.refusal(request.peer.rpartition(":")[0], presented) if presented else (0.0, "")
+                if wait:  # wrong tokens again and again: guessing; slow it down
+                    return error_response(429, "too_many_failures", f"too many failed authentications {limit}",
                                           [("Retry-After", str(max(1, math.ceil(wait))))])
                 return error_response(401, "unauthorized", "missing or unknown bearer token", [("WWW-Authenticate", "Bearer")])
             if token.role not in route.roles:
                 return error_response(403, "forbidden", f"role {token.role} may not call {route.method} {route.name}")
             request.principal = token.name
         try:
-            arguments: dict[str, object] = match.groupdict()
+            arguments: dict[str, object] = {name: unquote(value) for name, value in match.groupdict().items()}  # path parameters
             if route.body is not None:
                 arguments["body"] = decode_body(request.body or b"{}", route.body)
+            if route.query is not None:
+                arguments["query"] = decode_query(request.query, route.query)
             return await route.handler(request, **arguments)
         except BadRequest as exc:
             return error_response(exc.status, exc.code, str(exc))
@@ -217,6 +206,7 @@ class Api:
         return Response(200, self.metrics.render(), content_type=CONTENT_TYPE)
 
     async def status(self, request: Request) -> Response:
+        applied, checksum = await self.node.checksum()  # first: the index it is at never runs ahead of the commit index below
         node, status = self.node, self.node.core.status()
         peers = {
             peer: {"match_index": p.match, "next_index": p.next, "lag": status.last_index - p.match, "state": p.state}
@@ -232,11 +222,12 @@ class Api:
                 "leader": status.leader,
                 "leader_api": self.api_addresses.get(status.leader, ""),
                 "commit_index": status.commit,
-                "applied_index": node.machine.applied,
+                "applied_index": applied,
                 "last_index": status.last_index,
                 "snapshot_index": status.snapshot_index,
                 "rejoining": status.rejoining,
-                "checksum": node.checksum(),
+                "checksum": checksum,
+                "checkpoints": [{"index": index, "checksum": checksum} for index, checksum in node.checkpoints],
                 "peers": peers,
                 "uptime_s": round(time.monotonic() - node.started, 3),
                 "version": __version__,
@@ -256,33 +247,29 @@ class Api:
             return error_response(404, "not_found", f"no key {key!r}")
         return json_response(200, {"key": key, "value": value, "applied_index": self.node.machine.applied})
 
-    async def kv_put(self, request: Request, body: PutBody, key: str) -> Response:
+    async def kv_put(self, request: Request, body: b.PutBody, key: str) -> Response:
         return await self._write(request, Put(_key(key), body.value), body)
 
-    async def kv_delete(self, request: Request, body: ClientFields, key: str) -> Response:
+    async def kv_delete(self, request: Request, body: b.ClientFields, key: str) -> Response:
         return await self._write(request, Delete(_key(key)), body)
 
-    async def kv_cas(self, request: Request, body: CasBody, key: str) -> Response:
+    async def kv_cas(self, request: Request, body: b.CasBody, key: str) -> Response:
         return await self._write(request, CompareAndSet(_key(key), body.expected, body.value), body)
 
-    async def kv_batch(self, request: Request, body: BatchBody) -> Response:
+    async def kv_batch(self, request: Request, body: b.BatchBody) -> Response:
         """Up to MAX_BATCH operations as one replicated entry: one fsync, one round of replication."""
-        if not 1 <= len(body.ops) <= MAX_BATCH:
-            raise BadRequest(422, "invalid", f"ops: 1 to {MAX_BATCH} operations")
         commands: list[Command] = []
-        for n, op in enumerate(body.ops):
+        for op in body.ops:
             key = _key(op.key)
             if op.op == "put":
                 commands.append(Put(key, op.value))
             elif op.op == "delete":
                 commands.append(Delete(key))
-            elif op.op == "cas":
-                commands.append(CompareAndSet(key, op.expected, op.value))
             else:
-                raise BadRequest(422, "invalid", f"ops[{n}].op: one of put, delete, cas")
+                commands.append(CompareAndSet(key, op.expected, op.value))
         return await self._write(request, Batch(commands), body)
 
-    async def config_put(self, request: Request, body: PutBody, key: str) -> Response:
+    async def config_put(self, request: Request, body: b.PutBody, key: str) -> Response:
         return await self._write(request, SetConfig(_key(key), body.value), body)
 
     async def history(self, request: Request) -> Response:
@@ -291,11 +278,11 @@ class Api:
         health = self.node.machine.image.health
         return json_response(200, {"leaders": msgspec.to_builtins(health.leaders), "recoveries": msgspec.to_builtins(health.recoveries)})
 
-    async def recovery(self, request: Request, body: RecoveryBody) -> Response:
+    async def recovery(self, request: Request, body: b.RecoveryBody) -> Response:
         event = {k: v for k, v in msgspec.structs.asdict(body).items() if k not in ("client", "seq")}
         return await self._write(request, RecordRecovery(**event), body)
 
-    async def transfer(self, request: Request, body: TransferBody) -> Response:
+    async def transfer(self, request: Request, body: b.TransferBody) -> Response:
         if not self.node.is_leader:
             raise NotLeaderError(self.node.core.leader)
         target = body.to or self.best_follower()
@@ -304,14 +291,38 @@ class Api:
         self.node.transfer_leadership(target)
         return json_response(202, {"from": self.node.id, "to": target})
 
+    async def compact(self, request: Request, body: CompactBody) -> Response:
+        """Snapshot this node's applied state now and truncate its log behind it (frees disk)."""
+        before = self.node.core.log.snapshot_index
+        await self.node.compact_now()
+        return json_response(200, msgspec.to_builtins(Compacted(self.node.id, self.node.core.log.snapshot_index, before)))
+
+    async def step_down(self, request: Request, body: StepDownBody) -> Response:
+        """This node stops leading, keeping its term: for a stale leader cut off from the newer one."""
+        if not self.node.is_leader:
+            raise BadRequest(409, "not_leader", f"{self.node.id} is not a leader ({self._leader_hint(self.node.core.leader)})")
+        self.node.step_down()
+        return json_response(200, msgspec.to_builtins(SteppedDown(self.node.id, self.node.core.term)))
+
+    async def catch_up(self, request: Request, body: CatchUpBody) -> Response:
+        """Catch a lagging follower up from a snapshot (taken now if needed) instead of entry by entry."""
+        if not self.node.is_leader:
+            raise NotLeaderError(self.node.core.leader)
+        progress = self.node.core.status().progress
+        if body.to == self.node.id or body.to not in progress:
+            raise BadRequest(422, "invalid", f"to: {body.to!r} is not a follower of {self.node.id}")
+        match = progress[body.to].match
+        if match >= self.node.machine.applied:
+            raise BadRequest(409, "caught_up", f"{body.to} already holds every applied entry (match index {match})")
+        await self.node.catch_up(body.to)
+        return json_response(200, msgspec.to_builtins(CatchingUp(self.node.id, body.to, self.node.core.log.snapshot_index, match)))
+
     def best_follower(self) -> str:
         progress = self.node.core.status().progress
         followers = sorted((-p.match, peer) for peer, p in progress.items() if peer != self.node.id and not p.learner)
         return followers[0][1] if followers else ""
 
-    async def _write(self, request: Request, command: Command, fields: ClientFields) -> Response:
-        if fields.seq < 0:
-            raise BadRequest(422, "invalid", "seq: must not be negative")
+    async def _write(self, request: Request, command: Command, fields: b.ClientFields) -> Response:
         envelope = Envelope(fields.client, fields.seq, time.time(), command)
         try:
             result = await self.node.propose(envelope)
@@ -357,13 +368,31 @@ def decode_body(body: bytes, kind: type[msgspec.Struct]) -> msgspec.Struct:
     try:
         return msgspec.json.decode(body, type=kind)
     except msgspec.ValidationError as exc:
-        raise BadRequest(422, "invalid", str(exc).replace("$.", "")) from None
-    except msgspec.DecodeError as exc:
+        raise BadRequest(422, "invalid", _field_first(str(exc))) from None
+    except (msgspec.DecodeError, UnicodeDecodeError) as exc:  # msgspec raises the latter for bad UTF-8 in a string
         raise BadRequest(400, "bad_json", f"body is not valid JSON: {exc}") from None
 
 
+def decode_query(query: dict[str, str], kind: type[msgspec.Struct]) -> msgspec.Struct:
+    """The query string as `kind`; numbers arrive as text. Parameters `kind` does not name are ignored."""
+    try:
+        return msgspec.convert(query, kind, strict=False)
+    except msgspec.ValidationError as exc:
+        raise BadRequest(422, "invalid", _field_first(str(exc))) from None
+
+
+def _field_first(problem: str) -> str:
+    """msgspec's "Expected `int` >= 0 - at `$.tasks[0].priority`" as "tasks[0].priority: expected `int` >= 0"."""
+    message, _, where = problem.rpartition(" - at ")
+    if not message:
+        return problem
+    where = where.replace("`", "").replace("$.", "").replace("$", "body")
+    if where.startswith("key in "):  # a dict's key, as in "`key` in `$.tasks[0].env`"
+        where = where.removeprefix("key in ") + " (a name)"
+    return f"{where}: {message[0].lower()}{message[1:]}"
+
+
 def _key(key: str) -> str:
-    key = unquote(key)
-    if len(key) > MAX_KEY:
-        raise BadRequest(422, "invalid", f"key: longer than {MAX_KEY} characters")
+    if len(key) > b.MAX_KEY:
+        raise BadRequest(422, "invalid", f"key: longer than {b.MAX_KEY} characters")
     return key

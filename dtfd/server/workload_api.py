@@ -15,52 +15,11 @@ import msgspec
 from dtfd.scheduler.scheduler import Scheduler
 from dtfd.scheduler.shedding import RateLimiter
 from dtfd.server import auth
-from dtfd.server.api import Api, BadRequest, ClientFields
+from dtfd.server import bodies as b
+from dtfd.server.api import Api, BadRequest
 from dtfd.server.http import Request, Response, error_response, json_response
 from dtfd.state import tasks as t
 from dtfd.state.machine import Envelope, Result
-
-MAX_PAGE = 500
-
-
-class SubmitBody(ClientFields):
-    tasks: list[t.TaskSpec]
-    run_id: str = ""
-
-
-class RegisterBody(msgspec.Struct, forbid_unknown_fields=True):
-    id: str
-    labels: dict[str, str] = {}
-    cpus: float = 1.0
-    memory_mb: int = 1024
-    slots: int = 1
-
-
-class HeartbeatBody(msgspec.Struct, forbid_unknown_fields=True):
-    leases: list[str] = []
-
-
-class LeaseBody(msgspec.Struct, forbid_unknown_fields=True):
-    max: int = 1
-    wait_s: float = 10.0
-
-
-class StartBody(msgspec.Struct, forbid_unknown_fields=True):
-    task_id: str
-
-
-class ResultBody(t.Outcome, kw_only=True):
-    task_id: str
-    lease_id: str
-
-
-class ResultsBody(msgspec.Struct, forbid_unknown_fields=True):
-    results: list[ResultBody]
-
-
-class DrainBody(msgspec.Struct, forbid_unknown_fields=True):
-    draining: bool = True
-
 
 WORKER_OR_ADMIN = frozenset({"admin", "worker"})
 
@@ -72,20 +31,22 @@ class WorkloadApi:
         tid, wid = r"(?P<task_id>[^/]+)", r"(?P<worker>[^/]+)"
         api.add_routes(
             [
-                ("POST", "/v1/tasks", auth.ADMIN, self.submit, "/v1/tasks", SubmitBody),
-                ("GET", "/v1/tasks", auth.READ, self.list_tasks, "/v1/tasks"),
-                ("GET", f"/v1/tasks/{tid}", auth.READ, self.get_task, "/v1/tasks/{id}"),
-                ("POST", f"/v1/tasks/{tid}/cancel", auth.ADMIN, self.cancel, "/v1/tasks/{id}/cancel"),
-                ("GET", "/v1/runs", auth.READ, self.list_runs, "/v1/runs"),
-                ("GET", r"/v1/runs/(?P<run_id>[^/]+)", auth.READ, self.run_summary, "/v1/runs/{id}"),
-                ("GET", "/v1/workers", auth.READ, self.list_workers, "/v1/workers"),
-                ("POST", "/v1/workers/register", WORKER_OR_ADMIN, self.register, "/v1/workers/register", RegisterBody),
-                ("POST", f"/v1/workers/{wid}/heartbeat", WORKER_OR_ADMIN, self.heartbeat, "/v1/workers/{id}/heartbeat", HeartbeatBody),
-                ("POST", f"/v1/workers/{wid}/lease", WORKER_OR_ADMIN, self.lease, "/v1/workers/{id}/lease", LeaseBody),
-                ("POST", f"/v1/workers/{wid}/drain", WORKER_OR_ADMIN, self.drain, "/v1/workers/{id}/drain", DrainBody),
-                ("DELETE", f"/v1/workers/{wid}", WORKER_OR_ADMIN, self.deregister, "/v1/workers/{id}"),
-                ("POST", r"/v1/leases/(?P<lease_id>[^/]+)/start", WORKER_OR_ADMIN, self.start, "/v1/leases/{id}/start", StartBody),
-                ("POST", "/v1/results", WORKER_OR_ADMIN, self.results, "/v1/results", ResultsBody),
+                ("POST", "/v1/tasks", auth.ADMIN, self.submit, "/v1/tasks", b.SubmitBody, b.SubmitAnswer),
+                ("GET", "/v1/tasks", auth.READ, self.list_tasks, "/v1/tasks", None, b.TaskPage, b.TaskQuery),
+                ("GET", f"/v1/tasks/{tid}", auth.READ, self.get_task, "/v1/tasks/{id}", None, b.TaskAnswer),
+                ("POST", f"/v1/tasks/{tid}/cancel", auth.ADMIN, self.cancel, "/v1/tasks/{id}/cancel", None, b.CancelAnswer),
+                ("GET", "/v1/runs", auth.READ, self.list_runs, "/v1/runs", None, b.RunsAnswer),
+                ("GET", r"/v1/runs/(?P<run_id>[^/]+)", auth.READ, self.run_summary, "/v1/runs/{id}", None, b.Run),
+                ("GET", "/v1/workers", auth.READ, self.list_workers, "/v1/workers", None, b.WorkersAnswer),
+                ("POST", "/v1/workers/register", WORKER_OR_ADMIN, self.register, "/v1/workers/register", b.RegisterBody, b.RegisterAnswer),
+                ("POST", f"/v1/workers/{wid}/heartbeat", WORKER_OR_ADMIN, self.heartbeat, "/v1/workers/{id}/heartbeat", b.HeartbeatBody,
+                 b.HeartbeatAnswer),
+                ("POST", f"/v1/workers/{wid}/lease", WORKER_OR_ADMIN, self.lease, "/v1/workers/{id}/lease", b.LeaseBody, b.LeaseAnswer),
+                ("POST", f"/v1/workers/{wid}/drain", WORKER_OR_ADMIN, self.drain, "/v1/workers/{id}/drain", b.DrainBody, b.WorkerStateAnswer),
+                ("DELETE", f"/v1/workers/{wid}", WORKER_OR_ADMIN, self.deregister, "/v1/workers/{id}", None, b.RemovedAnswer),
+                ("POST", r"/v1/leases/(?P<lease_id>[^/]+)/start", WORKER_OR_ADMIN, self.start, "/v1/leases/{id}/start", b.StartBody,
+                 b.StartAnswer),
+                ("POST", "/v1/results", WORKER_OR_ADMIN, self.results, "/v1/results", b.ResultsBody, b.ResultsAnswer),
             ]
         )
 
@@ -101,9 +62,7 @@ class WorkloadApi:
 
     # ---- tasks ----------------------------------------------------------------------
 
-    async def submit(self, request: Request, body: SubmitBody) -> Response:
-        if not body.tasks:
-            raise BadRequest(422, "invalid", "tasks: at least one task")
+    async def submit(self, request: Request, body: b.SubmitBody) -> Response:
         for n, spec in enumerate(body.tasks):
             problem = t.spec_problem(spec)
             if problem:
@@ -121,24 +80,22 @@ class WorkloadApi:
             raise BadRequest(422, "invalid", f"tasks[{result.value['task']}].{result.value['problem']}")
         return json_response(201, {"tasks": result.value, "duplicate": result.duplicate})
 
-    async def list_tasks(self, request: Request) -> Response:
+    async def list_tasks(self, request: Request, query: b.TaskQuery) -> Response:
         await self._read(request)
-        q = request.query
-        limit = _int(q.get("limit", "100"), "limit", 1, MAX_PAGE)
-        after = _int(q.get("after", "-1"), "after", -1, math.inf)
+        q = query
         matching = sorted(
             (
                 task
                 for task in self.workload.tasks.values()
-                if task.order > after
-                and (not q.get("run") or task.spec.run_id == q["run"])
-                and (not q.get("state") or task.state == q["state"])
-                and (not q.get("worker") or (task.lease and task.lease.worker == q["worker"]) or q["worker"] in task.failed_on)
+                if task.order > q.after
+                and (not q.run or task.spec.run_id == q.run)
+                and (not q.state or task.state == q.state)
+                and (not q.worker or (task.lease and task.lease.worker == q.worker) or q.worker in task.failed_on)
             ),
             key=lambda task: task.order,
         )
-        page = matching[:limit]
-        next_cursor = str(page[-1].order) if len(matching) > limit else ""
+        page = matching[: q.limit]
+        next_cursor = str(page[-1].order) if len(matching) > q.limit else ""
         return json_response(200, {"tasks": [_task_view(task, brief=True) for task in page], "next": next_cursor})
 
     async def get_task(self, request: Request, task_id: str) -> Response:
@@ -205,15 +162,13 @@ class WorkloadApi:
         await self._read(request)
         return json_response(200, {"workers": [msgspec.to_builtins(w) for w in self.workload.workers.values()]})
 
-    async def register(self, request: Request, body: RegisterBody) -> Response:
-        if not body.id or len(body.id) > 128 or not 1 <= body.slots <= 1024:
-            raise BadRequest(422, "invalid", "id: 1 to 128 characters; slots: 1 to 1024")
+    async def register(self, request: Request, body: b.RegisterBody) -> Response:
         self.scheduler.seen(body.id)
         await self._apply(request, t.RegisterWorker(body.id, body.labels, body.cpus, body.memory_mb, body.slots))
         policy = self.scheduler.policy
         return json_response(200, {"heartbeat_s": policy.heartbeat_s, "lost_after_s": policy.lost_after_s})
 
-    async def heartbeat(self, request: Request, body: HeartbeatBody, worker: str) -> Response:
+    async def heartbeat(self, request: Request, body: b.HeartbeatBody, worker: str) -> Response:
         self.scheduler.require_leader()  # only the leader's view says whether a worker is known
         if not self._registered(worker):
             return error_response(404, "unknown_worker", f"worker {worker!r} is not registered (or was declared lost); register again")
@@ -224,16 +179,14 @@ class WorkloadApi:
         record = self.workload.workers.get(worker)
         return record is not None and record.state in ("active", "draining")
 
-    async def lease(self, request: Request, body: LeaseBody, worker: str) -> Response:
-        if not 1 <= body.max <= 1024:
-            raise BadRequest(422, "invalid", "max: must be in [1, 1024]")
+    async def lease(self, request: Request, body: b.LeaseBody, worker: str) -> Response:
         self.scheduler.require_leader()
         if not self._registered(worker):
             return error_response(404, "unknown_worker", f"worker {worker!r} is not registered; register again")
         leases = await self.scheduler.lease(worker, body.max, body.wait_s)
         return json_response(200, {"leases": [msgspec.to_builtins(lease) for lease in leases]})
 
-    async def drain(self, request: Request, body: DrainBody, worker: str) -> Response:
+    async def drain(self, request: Request, body: b.DrainBody, worker: str) -> Response:
         result = await self._apply(request, t.SetDraining(worker, body.draining))
         if not result.ok:
             return error_response(404, result.error, f"worker {worker!r} is not registered")
@@ -245,16 +198,13 @@ class WorkloadApi:
             return error_response(404, result.error, f"worker {worker!r} is not registered")
         return json_response(200, result.value)
 
-    async def start(self, request: Request, body: StartBody, lease_id: str) -> Response:
+    async def start(self, request: Request, body: b.StartBody, lease_id: str) -> Response:
         result = await self._apply(request, t.StartTask(body.task_id, lease_id))
         if not result.ok:
             return error_response(409, result.error, f"lease {lease_id} no longer holds task {body.task_id}")
         return json_response(200, result.value)
 
-    async def results(self, request: Request, body: ResultsBody) -> Response:
-        for n, item in enumerate(body.results):
-            if item.status not in t.OUTCOMES:
-                raise BadRequest(422, "invalid", f"results[{n}].status: one of {', '.join(sorted(t.OUTCOMES))}")
+    async def results(self, request: Request, body: b.ResultsBody) -> Response:
         reports = [
             t.Report(r.task_id, r.lease_id, t.Outcome(**{f: getattr(r, f) for f in t.Outcome.__struct_fields__}))
             for r in body.results
@@ -269,16 +219,6 @@ class WorkloadApi:
 
 def _shed(message: str, retry_after: float) -> Response:
     return error_response(429, "overloaded", message, [("Retry-After", str(max(1, math.ceil(retry_after))))])
-
-
-def _int(text: str, name: str, low: float, high: float) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise BadRequest(422, "invalid", f"{name}: not an integer") from None
-    if not low <= value <= high:
-        raise BadRequest(422, "invalid", f"{name}: out of range")
-    return value
 
 
 def _task_view(task: t.Task, brief: bool) -> dict:

@@ -9,14 +9,15 @@ leader finds exactly the queue, the leases and the breakers the old one left.
 from __future__ import annotations
 
 import hashlib
+from typing import Annotated, Literal
 
 import msgspec
+from msgspec import Meta
 
 QUEUED, LEASED, RUNNING = "queued", "leased", "running"
 SUCCEEDED, FAILED, TIMED_OUT, CANCELLED, LOST = "succeeded", "failed", "timed_out", "cancelled", "lost"
 TERMINAL = frozenset({SUCCEEDED, FAILED, TIMED_OUT, CANCELLED, LOST})
 ACTIVE = frozenset({LEASED, RUNNING})
-OUTCOMES = frozenset({SUCCEEDED, FAILED, TIMED_OUT, CANCELLED, "error"})
 
 BREAKER_THRESHOLD = 3  # consecutive infrastructure failures that open a worker's breaker
 BREAKER_COOLDOWN_S = 30.0  # an open breaker lets one probe task through after this
@@ -41,79 +42,106 @@ class Strict(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     pass
 
 
+# Bounds on what a client may submit, in one place: decoding enforces them (the API's request
+# and the log entry alike) and the OpenAPI schema states them. Widening one is safe; narrowing
+# one would make log entries and snapshots written under the old bound undecodable. The
+# patterns are the exception: a regex per string would cost more than the rest of decoding
+# (8 us a spec instead of 1.5), so spec_problem() checks them, and the schema only states them.
+NO_NUL = r"^[^\x00]*$"
+MAX_NAME = 256  # ids, keys, run ids, label keys and values, env names
+MAX_TEXT = 4096  # paths, display names
+MAX_ARGV, MAX_ARG = 1024, 16384
+MAX_ENV, MAX_ENV_BYTES = 256, 65536
+MAX_LABELS = 64
+MAX_RETRIES = 100
+MAX_TIMEOUT_S = 86400.0
+MAX_BACKOFF_S = 3600.0
+MAX_PRIORITY = 1000
+MAX_CPUS = 1 << 20
+MAX_MEMORY_MB = 1 << 30  # a pebibyte
+INT64 = (1 << 63) - 1
+WORKER_ENV = ("DTF_TASK_ID", "DTF_LEASE_ID", "DTF_ATTEMPT")  # the worker sets these for each task; a spec may not
+
+Name = Annotated[str, Meta(max_length=MAX_NAME)]
+Text = Annotated[str, Meta(max_length=MAX_TEXT, extra_json_schema={"pattern": NO_NUL})]
+Labels = Annotated[dict[Annotated[str, Meta(min_length=1, max_length=MAX_NAME)], Name], Meta(max_length=MAX_LABELS)]
+Cpus = Annotated[float, Meta(ge=0, le=MAX_CPUS)]
+MemoryMb = Annotated[int, Meta(ge=0, le=MAX_MEMORY_MB)]
+Seconds = Annotated[float, Meta(ge=0)]
+Argv = Annotated[list[Annotated[str, Meta(max_length=MAX_ARG, extra_json_schema={"pattern": NO_NUL})]], Meta(min_length=1, max_length=MAX_ARGV)]
+EnvName = Annotated[str, Meta(min_length=1, max_length=MAX_NAME, extra_json_schema={"pattern": r"^[^=\x00]+$"})]
+Env = Annotated[
+    dict[EnvName, Annotated[str, Meta(max_length=MAX_ENV_BYTES, extra_json_schema={"pattern": NO_NUL})]], Meta(max_length=MAX_ENV)
+]
+Delay = Annotated[float, Meta(gt=0, le=MAX_BACKOFF_S)]
+
+
 class Requirements(Strict, frozen=True):
-    labels: dict[str, str] = {}
-    min_cpus: float = 0
-    min_memory_mb: int = 0
+    labels: Labels = {}
+    min_cpus: Cpus = 0
+    min_memory_mb: MemoryMb = 0
 
 
 class Backoff(Strict, frozen=True):
-    base_s: float = 1.0
-    max_s: float = 60.0
+    base_s: Delay = 1.0
+    max_s: Delay = 60.0
 
 
 class TaskSpec(Strict, frozen=True):
-    argv: list[str]
+    argv: Argv  # never through a shell unless shell = true
     shell: bool = False
-    env: dict[str, str] = {}
-    cwd: str = ""
-    timeout_s: float = 600.0
+    env: Env = {}
+    cwd: Text = ""
+    timeout_s: Annotated[float, Meta(gt=0, le=MAX_TIMEOUT_S)] = 600.0
     requirements: Requirements = Requirements()
-    priority: int = 0
-    max_retries: int = 0
+    priority: Annotated[int, Meta(ge=-MAX_PRIORITY, le=MAX_PRIORITY)] = 0
+    max_retries: Annotated[int, Meta(ge=0, le=MAX_RETRIES)] = 0
     backoff: Backoff = Backoff()
-    idempotency_key: str = ""
-    run_id: str = ""
-    name: str = ""
-    junit: str = ""
-
-
-LIMITS = {"argv": 1024, "arg": 16384, "env": 256, "env_bytes": 65536, "labels": 64, "max_retries": 100, "timeout_s": 86400.0}
+    idempotency_key: Name = ""
+    run_id: Name = ""
+    name: Text = ""
+    junit: Text = ""
 
 
 def spec_problem(spec: TaskSpec) -> str:
-    """The first thing wrong with a spec, naming the field; '' if it is acceptable."""
-    if not spec.argv or len(spec.argv) > LIMITS["argv"]:
-        return f"argv: must hold 1 to {LIMITS['argv']} strings"
-    if any(len(arg) > LIMITS["arg"] for arg in spec.argv):
-        return f"argv: an argument exceeds {LIMITS['arg']} characters"
+    """The first thing wrong with a spec that its field bounds cannot say, naming the field; '' if none."""
     if spec.shell and len(spec.argv) != 1:
         return "argv: with shell = true, argv is exactly one string, the script"
-    if len(spec.env) > LIMITS["env"] or sum(len(k) + len(v) for k, v in spec.env.items()) > LIMITS["env_bytes"]:
-        return f"env: at most {LIMITS['env']} variables and {LIMITS['env_bytes']} bytes"
-    if any(not k or "=" in k or "\0" in k + v for k, v in spec.env.items()):
-        return "env: names must be non-empty without '='; no NUL bytes"
-    if not 0 < spec.timeout_s <= LIMITS["timeout_s"]:
-        return f"timeout_s: must be in (0, {LIMITS['timeout_s']:.0f}]"
-    if not 0 <= spec.max_retries <= LIMITS["max_retries"]:
-        return f"max_retries: must be in [0, {LIMITS['max_retries']}]"
-    if not -1000 <= spec.priority <= 1000:
-        return "priority: must be in [-1000, 1000]"
-    if len(spec.requirements.labels) > LIMITS["labels"]:
-        return f"requirements.labels: at most {LIMITS['labels']}"
-    if spec.requirements.min_cpus < 0 or spec.requirements.min_memory_mb < 0:
-        return "requirements: minimums must not be negative"
-    if not 0 < spec.backoff.base_s <= spec.backoff.max_s <= 3600:
-        return "backoff: need 0 < base_s <= max_s <= 3600"
+    texts = [(f"argv[{n}]", arg) for n, arg in enumerate(spec.argv)] + [("cwd", spec.cwd), ("junit", spec.junit), ("name", spec.name)]
+    for field, text in texts + [("env", name + value) for name, value in spec.env.items()]:
+        if "\0" in text:
+            return f"{field}: must not contain NUL bytes (no command, path or variable can)"
+    if any("=" in name for name in spec.env):
+        return "env: a variable's name must not contain '='"
+    if sum(len(k) + len(v) for k, v in spec.env.items()) > MAX_ENV_BYTES:
+        return f"env: at most {MAX_ENV_BYTES} bytes in all"
+    reserved = sorted(set(spec.env) & set(WORKER_ENV))
+    if reserved:
+        return f"env: {', '.join(reserved)} is set by the worker for each task"
+    if spec.backoff.base_s > spec.backoff.max_s:
+        return "backoff: base_s must not exceed max_s"
     return ""
+
+
+Status = Literal["succeeded", "failed", "timed_out", "cancelled", "error"]  # error: the worker could not run it
 
 
 class JUnitCase(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     name: str
     classname: str
-    status: str
-    duration_s: float
+    status: Literal["passed", "failed", "error", "skipped"]
+    duration_s: Seconds
     message: str = ""
 
 
 class Outcome(Strict, frozen=True):
-    """What a worker reports for one attempt."""
+    """What a worker reports for one attempt. Its text is bounded by the body limit: a worker shrinks a result refused as too large."""
 
-    status: str
-    exit_code: int | None = None
-    duration_s: float = 0.0
-    peak_rss_bytes: int = 0
-    cpu_s: float = 0.0
+    status: Status
+    exit_code: Annotated[int, Meta(ge=-(1 << 31), lt=1 << 31)] | None = None  # None: nothing ran; negative: killed by that signal
+    duration_s: Seconds = 0.0
+    peak_rss_bytes: Annotated[int, Meta(ge=0, le=INT64)] = 0
+    cpu_s: Seconds = 0.0
     output_tail: str = ""
     truncated: bool = False
     reason: str = ""
@@ -367,8 +395,6 @@ class Workload(msgspec.Struct):
         if lease is None or lease.id != report.lease_id or task.state not in ACTIVE:
             return "stale_lease"
         outcome = report.outcome
-        if outcome.status not in OUTCOMES:
-            return "invalid_status"
         task.reported.append(lease.id)
         worker = self.workers.get(lease.worker)
         if outcome.status == SUCCEEDED:

@@ -130,11 +130,14 @@ def command(spec: TaskSpec) -> list[str]:
 
 
 def environment(spec: TaskSpec, task_id: str, lease_id: str, attempt: int) -> dict[str, str]:
-    """A minimal base (not the worker's whole environment, which may hold secrets), then the task's."""
+    """A minimal base (not the worker's whole environment, which may hold secrets), the task's, then the worker's own.
+
+    The coordinator refuses specs that set the worker's variables; they are set last all the same.
+    """
     env = {key: os.environ[key] for key in BASE_ENV_KEYS if key in os.environ}
     env.setdefault("PATH", DEFAULT_PATH)
-    env.update(DTF_TASK_ID=task_id, DTF_LEASE_ID=lease_id, DTF_ATTEMPT=str(attempt))
     env.update(spec.env)
+    env.update(DTF_TASK_ID=task_id, DTF_LEASE_ID=lease_id, DTF_ATTEMPT=str(attempt))
     return env
 
 

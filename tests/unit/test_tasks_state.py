@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+from typing import get_args
 
 import pytest
 from hypothesis import given, settings
@@ -174,8 +175,10 @@ def test_idempotency_key_returns_the_first_task_and_invalid_batches_apply_nothin
     again = c.apply(t.SubmitTasks([t.TaskSpec(argv=["other"], idempotency_key="build-42")])).value
     assert again == [{"id": first, "state": "queued", "duplicate": True}]
     before = dict(c.workload.tasks)
-    bad = c.apply(t.SubmitTasks([t.TaskSpec(argv=["ok"]), t.TaskSpec(argv=[])]))
+    bad = c.apply(t.SubmitTasks([t.TaskSpec(argv=["ok"]), t.TaskSpec(argv=["a", "b"], shell=True)]))
     assert not bad.ok and bad.error == "invalid" and "argv" in bad.value["problem"]
+    out_of_bounds = c.apply(t.SubmitTasks([t.TaskSpec(argv=["ok"]), t.TaskSpec(argv=[])]))  # bounds hold when the entry decodes
+    assert not out_of_bounds.ok and out_of_bounds.error == "undecodable"
     assert c.workload.tasks == before
 
 
@@ -242,7 +245,7 @@ commands = st.one_of(
     st.builds(t.RegisterWorker, st.sampled_from(["w1", "w2"]), st.just({"os": "linux"}), st.just(2.0), st.just(1024), st.integers(1, 3)),
     st.builds(t.SubmitTasks, st.lists(st.builds(t.TaskSpec, argv=st.just(["x"]), max_retries=st.integers(0, 2)), min_size=1, max_size=3)),
     st.builds(t.AssignTasks, st.sampled_from(["w1", "w2"]), st.lists(st.builds(t.Assignment, st.sampled_from([f"t{i}.0" for i in range(1, 12)]), st.text("abc", min_size=1, max_size=3), st.just(99.0)), max_size=2)),
-    st.builds(t.FinishTasks, st.lists(st.builds(t.Report, st.sampled_from([f"t{i}.0" for i in range(1, 12)]), st.text("abc", min_size=1, max_size=3), st.builds(t.Outcome, status=st.sampled_from(sorted(t.OUTCOMES)))), max_size=2)),
+    st.builds(t.FinishTasks, st.lists(st.builds(t.Report, st.sampled_from([f"t{i}.0" for i in range(1, 12)]), st.text("abc", min_size=1, max_size=3), st.builds(t.Outcome, status=st.sampled_from(get_args(t.Status)))), max_size=2)),
     st.builds(t.RemoveWorker, st.sampled_from(["w1", "w2"]), st.booleans()),
     st.builds(t.CancelTask, st.sampled_from([f"t{i}.0" for i in range(1, 12)])),
     st.builds(t.ReturnLease, st.sampled_from([f"t{i}.0" for i in range(1, 12)]), st.text("abc", min_size=1, max_size=3)),

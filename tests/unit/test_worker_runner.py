@@ -114,6 +114,13 @@ async def test_env_is_merged_over_a_minimal_base_and_cwd_applied(tmp_path, monke
     assert result.output_tail.split() == [str(tmp_path / "work" / "checkout"), "None", "V", "t1"]
 
 
+async def test_a_task_env_cannot_override_what_the_worker_sets(tmp_path):
+    script = "import os; print(os.environ['DTF_LEASE_ID'], os.environ['DTF_TASK_ID'], os.environ['DTF_ATTEMPT'])"
+    forged = {"DTF_LEASE_ID": "someone-elses", "DTF_TASK_ID": "t9", "DTF_ATTEMPT": "7"}
+    result = await _run(tmp_path, [PY, "-c", script], env=forged).run()
+    assert result.output_tail.split() == ["l1", "t1", "1"]
+
+
 async def test_empty_cwd_is_a_fresh_directory_removed_afterwards(tmp_path):
     result = await _run(tmp_path, [PY, "-c", "import os; open('f', 'w'); print(os.getcwd())"]).run()
     cwd = Path(result.output_tail.strip())
