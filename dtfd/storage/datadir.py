@@ -13,9 +13,13 @@ files, an interrupted snapshot install) and refuses to open on any problem.
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import fcntl
+import glob
 import logging
 import os
+import signal
 import time
 from collections.abc import Callable, Sequence
 from contextlib import contextmanager
@@ -31,6 +35,10 @@ log = logging.getLogger("dtf.storage")
 
 LOCK_FILE = "LOCK"
 REJOIN_FILE = "REJOIN"  # present after a reseed: the term up to which this node may have voted
+RESEED_SUFFIX = ".reseed"  # DIR.reseed: the new dir of a reseed before the swap, or the old one right after
+PAUSE_ENV = "DTF_TEST_PAUSE_AT"
+_AT_FDCWD = -100
+_RENAME_EXCHANGE = 2
 COMMIT_WRITE_INTERVAL_S = 1.0
 WAL_DIR = "wal"
 SNAP_DIR = "snap"
@@ -307,6 +315,8 @@ def open_or_exit(data_dir: str, **options) -> DiskStorage:
     74 cannot read or write it (EX_IOERR: read-only, disk full, permissions).
     """
     try:
+        if not os.path.exists(data_dir):
+            finish_reseed(data_dir)  # never start empty, and so free to vote, in the middle of a reseed
         return DiskStorage(data_dir, **options)
     except StorageCorrupt as e:
         log.critical("%s; refusing to start (check with: dtfd verify --data-dir %s)", e, data_dir)
@@ -326,29 +336,118 @@ def reseed(data_dir: str, min_term: int = 0) -> dict:
     term (or `min_term`, the cluster's current term, if higher or if the old hard state is
     unreadable); dtfd then neither votes nor campaigns until it has caught up with a leader
     of a later term. Nothing is deleted: the old dir is kept as DIR.backup-<UTC time>.
+
+    Crash-safe and idempotent: the new dir, marker included, is made durable beside the old
+    one as DIR.reseed and swapped in with one atomic rename exchange, so DIR is at every
+    instant either the old dir or the new one with its marker, never a dir a node could
+    vote from without having a log. Run again after a crash anywhere, it finishes the job.
     """
     data_dir = os.path.abspath(data_dir)
+    finished = finish_reseed(data_dir)
+    if finished is not None:
+        return finished
     if not os.path.isdir(data_dir):
         raise FileNotFoundError(f"no data dir {data_dir}")
-    fd = lock(data_dir)  # refuses while a node has it open
+    if _reseeded(data_dir):
+        return _report(data_dir, _newest_backup(data_dir), None)
+    fd = lock(data_dir)  # refuses while a node has it open, and keeps one from opening it until the swap is done
     try:
         try:
             stored = hardstate.read(data_dir)
             old_term = stored.term if stored else None
         except (StorageCorrupt, OSError):
             old_term = None
+        if old_term is None and min_term <= 0:
+            raise StorageCorrupt(os.path.join(data_dir, hardstate.FILENAME), None, "unreadable: pass the cluster's current term (--term)")
+        term = max(old_term or 0, min_term)
+        staged = data_dir + RESEED_SUFFIX
+        os.makedirs(staged, mode=0o700)
+        write_atomically(os.path.join(staged, REJOIN_FILE), f"{term}\n".encode())
+        fsync_dir(os.path.dirname(data_dir))
+        backup = _backup_name(data_dir)
+        if _exchange(data_dir, staged):
+            _pause_point("reseed_swapped")
+            os.rename(staged, backup)
+        else:  # no RENAME_EXCHANGE here: DIR is briefly missing, and a starting dtfd finishes the swap
+            os.rename(data_dir, backup)
+            _pause_point("reseed_swapped")
+            os.rename(staged, data_dir)
+        fsync_dir(os.path.dirname(data_dir))
     finally:
         os.close(fd)
-    if old_term is None and min_term <= 0:
-        raise StorageCorrupt(os.path.join(data_dir, hardstate.FILENAME), None, "unreadable: pass the cluster's current term (--term)")
-    term = max(old_term or 0, min_term)
-    backup = f"{data_dir}.backup-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}"
-    os.rename(data_dir, backup)
-    os.makedirs(data_dir, mode=0o700)
-    write_atomically(os.path.join(data_dir, REJOIN_FILE), f"{term}\n".encode())
-    fsync_dir(os.path.dirname(data_dir))
     log.warning("data dir reseeded %s", f"data_dir={data_dir} backup={backup} rejoin_term={term}")
-    return {"data_dir": data_dir, "backup": backup, "rejoin_term": term, "old_term": old_term}
+    return _report(data_dir, backup, old_term)
+
+
+def finish_reseed(data_dir: str) -> dict | None:
+    """Finish a reseed interrupted between its renames (None if there is none): the job, not the decision, remains."""
+    data_dir = os.path.abspath(data_dir)
+    staged = data_dir + RESEED_SUFFIX
+    try:
+        names = set(os.listdir(staged))
+    except FileNotFoundError:
+        return None
+    if not names <= {REJOIN_FILE, REJOIN_FILE + ".tmp"}:  # the old data, exchanged out: keep it as the backup
+        backup = _backup_name(data_dir)
+        os.rename(staged, backup)
+    elif os.path.isdir(data_dir):  # prepared but never swapped in: it holds nothing but a marker
+        for name in names:
+            os.unlink(os.path.join(staged, name))
+        os.rmdir(staged)
+        fsync_dir(os.path.dirname(data_dir))
+        return None
+    elif REJOIN_FILE in names:  # the old dir is already the backup
+        backup = _newest_backup(data_dir)
+        os.rename(staged, data_dir)
+    else:
+        raise StorageCorrupt(staged, None, f"an interrupted reseed left no marker and {data_dir} is missing")
+    fsync_dir(os.path.dirname(data_dir))
+    log.warning("interrupted reseed finished %s", f"data_dir={data_dir} backup={backup}")
+    return _report(data_dir, backup, None)
+
+
+def _reseeded(data_dir: str) -> bool:
+    """Only the REJOIN marker (and perhaps what a node writes on opening it, but no log yet)."""
+    return os.path.exists(os.path.join(data_dir, REJOIN_FILE)) and not os.path.exists(os.path.join(data_dir, WAL_DIR))
+
+
+def _report(data_dir: str, backup: str, old_term: int | None) -> dict:
+    return {"data_dir": data_dir, "backup": backup, "rejoin_term": rejoin_term(data_dir), "old_term": old_term}
+
+
+def _backup_name(data_dir: str) -> str:
+    base = f"{data_dir}.backup-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}"
+    name, n = base, 0
+    while os.path.exists(name):
+        n += 1
+        name = f"{base}-{n}"
+    return name
+
+
+def _newest_backup(data_dir: str) -> str:
+    backups = sorted(glob.glob(glob.escape(data_dir) + ".backup-*"))  # named by time
+    return backups[-1] if backups else ""
+
+
+def _exchange(a: str, b: str) -> bool:
+    """Swap two paths atomically (renameat2 RENAME_EXCHANGE); False where the kernel or file system cannot."""
+    renameat2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
+    if renameat2 is None:
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, os.strerror(err), a)
+
+
+def _pause_point(name: str) -> None:
+    """Test-only: stop this process here (SIGSTOP) when DTF_TEST_PAUSE_AT names the point, so a test can kill it there."""
+    if os.environ.get(PAUSE_ENV) == name:
+        log.warning("paused at %s (test only)", name)
+        os.kill(os.getpid(), signal.SIGSTOP)
 
 
 def rejoin_term(data_dir: str) -> int:
