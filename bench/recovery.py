@@ -6,14 +6,17 @@ client writing meanwhile. Each run injects the fault and measures, from the faul
   repaired  the action recorded as ok
   caught up the node voting again, at the leader's applied index
 Prints min / p50 / max over the runs. Numbers only; nothing here fails on a timing.
+`--state-mb N` first fills the state machine with N MB (the issue's 100 MB), so the
+reseeded node is brought back by an InstallSnapshot of that size.
 
-    .venv/bin/python bench/recovery.py [--runs 5] [--interval 0.2]
+    .venv/bin/python bench/recovery.py [--runs 5] [--interval 0.2] [--state-mb 100]
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import signal
 import statistics
 import sys
@@ -40,11 +43,31 @@ def _corrupt(watched: Watched, node: str) -> None:
     os.kill(watched.pid(node), signal.SIGKILL)
 
 
-def one_run(directory: Path, fault: Callable[[Watched, str], None], failure: str, interval: float) -> tuple[float, float, float]:
+VALUE_BYTES = 60_000
+VALUES_PER_REQUEST = 15  # under api.max_body_bytes (1 MiB)
+
+
+def _fill(watched: Watched, leader: str, megabytes: int) -> None:
+    """`megabytes` of state, then a compaction on every node: a reseeded node must be sent the whole snapshot."""
+    value = "s" * VALUE_BYTES
+    keys = megabytes * 1_000_000 // VALUE_BYTES
+    with watched.cluster.client(leader) as c:
+        for first in range(0, keys, VALUES_PER_REQUEST):
+            ops = [{"op": "put", "key": f"state-{k}", "value": value} for k in range(first, min(keys, first + VALUES_PER_REQUEST))]
+            c.post("/v1/kv", json={"ops": ops}, timeout=60).raise_for_status()
+    for node in watched.files.node_ids:
+        with watched.cluster.client(node) as c:
+            c.post("/v1/admin/compact", json={}, timeout=120).raise_for_status()
+
+
+def one_run(directory: Path, fault: Callable[[Watched, str], None], failure: str, interval: float,
+            state_mb: int) -> tuple[float, float, float]:
     files = write_configs(directory)
     watched = Watched(files, write_config(files, directory, {"probes": {**TEST_TIMING["probes"], "interval_s": interval}}))
     try:
         leader = watched.start_nodes()
+        if state_mb:
+            _fill(watched, leader, state_mb)
         watched.start_recoveryd()
         follower = next(n for n in files.node_ids if n != leader)
         with Writer(watched.cluster, "bench") as writer:
@@ -69,15 +92,23 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--interval", type=float, default=0.2, help="probe interval, seconds")
+    parser.add_argument("--state-mb", type=int, default=0, help="state filled in before the fault (MB)")
     args = parser.parse_args()
     print(f"load average at start: {os.getloadavg()}")
     for name, fault, failure in (("kill -9 of a follower", _kill, "crash"), ("corrupted log (reseed)", _corrupt, "corruption")):
-        samples = []
+        samples, failed = [], []
         for run in range(args.runs):
-            with tempfile.TemporaryDirectory(prefix="dtf-bench-recovery-") as tmp:
-                samples.append(one_run(Path(tmp), fault, failure, args.interval))
-        print(f"\n{name}: {args.runs} runs, probe interval {args.interval}s")
-        for n, column in enumerate(("detected", "repaired", "caught up")):
+            tmp = tempfile.mkdtemp(prefix="dtf-bench-recovery-")
+            try:
+                samples.append(one_run(Path(tmp), fault, failure, args.interval, args.state_mb))
+            except TimeoutError as exc:
+                failed.append(f"{exc} (logs kept in {tmp})")
+                continue
+            shutil.rmtree(tmp, ignore_errors=True)
+        print(f"\n{name}: {args.runs} runs, probe interval {args.interval}s, {args.state_mb} MB of state, {len(failed)} failed")
+        for line in failed:
+            print(f"  failed: {line}")
+        for n, column in enumerate(("detected", "repaired", "caught up") if samples else ()):
             values = sorted(s[n] for s in samples)
             print(f"  {column:10} min {values[0] * 1000:7.0f} ms   p50 {statistics.median(values) * 1000:7.0f} ms   max {values[-1] * 1000:7.0f} ms")
     print(f"\nload average at end: {os.getloadavg()}")

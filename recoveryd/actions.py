@@ -3,14 +3,14 @@
 STATE_DIR/actions/NODE.json holds the one action in flight for a node: its record
 (failure, reason, evidence), the steps done and what they learned (backup path, rejoin
 term). A step re-run after a crash must be harmless: stopping a stopped node, starting a
-running one, reseeding a dir that already holds only its REJOIN marker all do nothing.
+running one, `dtfd reseed` of a dir already reseeded (or reseeded halfway) all finish the
+job or do nothing, and the Raft operations look at the cluster again before they act.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 import sys
 from collections.abc import Awaitable, Callable
@@ -22,18 +22,19 @@ import msgspec
 import trio
 
 from dtfd.journal import fields
-from dtfd.storage.datadir import REJOIN_FILE
 from dtfd.storage.files import write_atomically
 from recoveryd.config import Config, Node
 from recoveryd.executors import Executor, ExecutorError
-from recoveryd.policy import RELIEVE, RESEED, RESTART
-from recoveryd.probes import fetch_status
+from recoveryd.policy import CATCH_UP, RELIEVE, RESEED, RESTART, STEP_DOWN, resource_verdict
+from recoveryd.probes import Prober, fetch_status
 from recoveryd.records import Record
 
 log = logging.getLogger("dtf.recoveryd")
 
 POLL_S = 0.1
 TRANSFER_WAIT_S = 10.0
+ADMIN_TIMEOUT_S = 60.0  # a compaction snapshots the whole state
+RESTART_HELPS = ("RSS", "open fds", "CPU")  # what a restart gives back; disk and inodes it does not
 
 
 class ActionFailed(Exception):
@@ -67,16 +68,18 @@ Step = Callable[[Node, InFlight], Awaitable[None]]
 
 
 class Actions:
-    def __init__(self, config: Config, executor: Executor, client: httpx.AsyncClient, journal: Journal) -> None:
-        """`client` carries recoveryd's admin token."""
-        self.config, self.executor, self.client, self.journal = config, executor, client, journal
+    def __init__(self, config: Config, executor: Executor, client: httpx.AsyncClient, journal: Journal, prober: Prober) -> None:
+        """`client` carries recoveryd's admin token; `prober` looks again after the cheap steps of a relief."""
+        self.config, self.executor, self.client, self.journal, self.prober = config, executor, client, journal, prober
         self.nodes = {n.name: n for n in config.nodes}
         self.plans: dict[str, list[tuple[str, Step]]] = {
             RESTART: [("restart", self.restart), ("healthy", self.healthy)],
             RESEED: [("stop", self.stop), ("reseed", self.reseed), ("start", self.start), ("healthy", self.healthy),
                      ("leader_above", self.leader_above), ("caught_up", self.caught_up)],
-            RELIEVE: [("clean_backups", self.clean_backups), ("transfer_away", self.transfer_away),
+            RELIEVE: [("clean_backups", self.clean_backups), ("compact", self.compact), ("transfer_away", self.transfer_away),
                       ("restart_if_needed", self.restart_if_needed)],
+            STEP_DOWN: [("step_down", self.step_down), ("stepped_down", self.stepped_down)],
+            CATCH_UP: [("catch_up", self.catch_up), ("lag_closed", self.lag_closed)],
         }
 
     async def run(self, flight: InFlight) -> str:
@@ -88,7 +91,7 @@ class Actions:
             log.info("step %s", fields(node=node.name, action=flight.record.action, step=name, id=flight.record.id))
             try:
                 await step(node, flight)
-            except (ExecutorError, trio.TooSlowError, OSError) as exc:
+            except (ExecutorError, trio.TooSlowError, OSError, httpx.HTTPError) as exc:
                 raise ActionFailed(f"step {name}: {exc or type(exc).__name__}") from None
             flight.done.append(name)
             self.journal.save(flight)
@@ -100,13 +103,18 @@ class Actions:
         return await fetch_status(self.client, node, self.config.probes.timeout_s)
 
     async def leader(self, exclude: str = "") -> dict | None:
-        """The status of the node that leads, as it says itself."""
+        """The status of the node that leads, as it says itself (of the latest term, should two say so)."""
+        found = None
         for node in self.config.nodes:
             if node.name != exclude:
                 view = await self.status(node)
-                if view and view["role"] == "leader":
-                    return view
-        return None
+                if view and view["role"] == "leader" and (found is None or view["term"] > found["term"]):
+                    found = view
+        return found
+
+    async def post(self, node: Node, path: str, body: dict, timeout: float = ADMIN_TIMEOUT_S) -> httpx.Response:
+        with trio.fail_after(timeout):
+            return await self.client.post(f"{node.url}{path}", json=body, timeout=timeout)
 
     async def transfer(self, leader: dict, avoid: str) -> str:
         """Ask the leader to hand over to its most caught-up voting follower other than `avoid`."""
@@ -147,11 +155,11 @@ class Actions:
         raise ActionFailed(f"{node.name} did not answer within {self.config.policy.start_timeout_s:g}s (policy.start_timeout_s)")
 
     async def reseed(self, node: Node, flight: InFlight) -> None:
-        """`dtfd reseed`: the damaged dir becomes DIR.backup-<time>; an empty dir with a REJOIN marker replaces it."""
-        if _already_reseeded(node.data_dir):
-            flight.data.setdefault("rejoin_term", int((Path(node.data_dir) / REJOIN_FILE).read_text() or 0))
-            flight.data.setdefault("backup", (sorted(glob(f"{node.data_dir}.backup-*")) or [""])[-1])
-            return
+        """`dtfd reseed`: the damaged dir becomes DIR.backup-<time>; an empty dir with a REJOIN marker replaces it.
+
+        Run again after recoveryd died during it, `dtfd reseed` finishes the swap it began,
+        or reports the reseed already done, so the node never starts on an unmarked empty dir.
+        """
         term = flight.data.get("cluster_term", 0)
         command = [sys.executable, "-m", "dtfd.cli", "reseed", "--data-dir", node.data_dir, "--term", str(term)]
         with trio.fail_after(60):
@@ -200,8 +208,24 @@ class Actions:
             await trio.to_thread.run_sync(shutil.rmtree, path)
         flight.data["removed_backups"] = len(stale)
 
+    async def compact(self, node: Node, flight: InFlight) -> None:
+        """Snapshot and truncate the node's log: gives back the disk the log held. Best effort: a node out of fds may not answer."""
+        try:
+            reply = await self.post(node, "/v1/admin/compact", {})
+        except (trio.TooSlowError, httpx.HTTPError) as exc:
+            flight.data["compact"] = f"no answer: {exc or type(exc).__name__}"
+            return
+        flight.data["compact"] = f"snapshot at {reply.json()['snapshot_index']}" if reply.status_code == 200 else f"{reply.status_code} {reply.text[:200]}"
+
+    async def still_exhausted(self, node: Node) -> str:
+        verdict = resource_verdict(await self.prober.observe(node), self.config)
+        return verdict.reason if verdict else ""
+
     async def transfer_away(self, node: Node, flight: InFlight) -> None:
-        view = await self.status(node)
+        """If cleaning and compacting were not enough, a leader hands over before a restart or an operator comes."""
+        still = await self.still_exhausted(node)
+        flight.data["after_compaction"] = still or "within thresholds"
+        view = await self.status(node) if still else None
         if not view or view["role"] != "leader":
             return
         flight.data["transfer"] = f"{node.name}->{await self.transfer(view, avoid=node.name)}"
@@ -210,18 +234,66 @@ class Actions:
                 await trio.sleep(POLL_S)
 
     async def restart_if_needed(self, node: Node, flight: InFlight) -> None:
-        """Restart last, and only for what a restart gives back (memory, fds, CPU); disk needs an operator."""
-        if not any(word in flight.record.reason for word in ("RSS", "open fds", "CPU")):
+        """Restart last, only if still exhausted, and only for what a restart gives back (memory, fds, CPU)."""
+        still = await self.still_exhausted(node)
+        if not still:
             flight.data["restart"] = "not needed"
             return
+        if not any(word in still for word in RESTART_HELPS):
+            raise ActionFailed(f"still {still} after cleaning and compacting; a restart would not help: needs an operator")
         await self.executor.restart(node)
         await self.healthy(node, flight)
         flight.data["restart"] = "done"
 
+    async def step_down(self, node: Node, flight: InFlight) -> None:
+        """Ask a stale leader to step down, if it still leads and another node leads too."""
+        view = await self.status(node)
+        newer = await self.leader(exclude=node.name)
+        if not view or view["role"] != "leader" or newer is None:
+            flight.data["step_down"] = "not needed: no longer two leaders"
+            return
+        reply = await self.post(node, "/v1/admin/step-down", {}, timeout=self.config.probes.timeout_s)
+        if reply.status_code == 409:
+            flight.data["step_down"] = "not needed: no longer leads"
+            return
+        if reply.status_code != 200:
+            raise ActionFailed(f"step-down refused by {node.name}: {reply.status_code} {reply.text[:200]}")
+        flight.data["step_down"] = f"{node.name} (term {view['term']}) stepped down; {newer['id']} leads in term {newer['term']}"
+        log.info("stale leader asked to step down %s", fields(node=node.name, term=view["term"], leader=newer["id"], leader_term=newer["term"]))
 
-def _already_reseeded(data_dir: str) -> bool:
-    """Only the REJOIN marker inside: `dtfd reseed` ran (or dtfd started on it and wrote nothing yet)."""
-    try:
-        return REJOIN_FILE in os.listdir(data_dir) and not os.path.exists(os.path.join(data_dir, "wal"))
-    except FileNotFoundError:
-        return False
+    async def stepped_down(self, node: Node, flight: InFlight) -> None:
+        with trio.move_on_after(TRANSFER_WAIT_S):
+            while (view := await self.status(node)) and view["role"] == "leader":
+                await trio.sleep(POLL_S)
+            return
+        raise ActionFailed(f"{node.name} still claims leadership {TRANSFER_WAIT_S:g}s after the step-down")
+
+    async def catch_up(self, node: Node, flight: InFlight) -> None:
+        """The leader sends the follower a snapshot (taken now if needed) instead of the entries it is behind by."""
+        leader = await self.leader(exclude=node.name)
+        if leader is None:
+            raise ActionFailed("no leader to catch up from")
+        reply = await self.post(self.nodes[leader["id"]], "/v1/admin/catch-up", {"to": node.name})
+        if reply.status_code == 409:
+            flight.data["catch_up"] = f"not needed: {reply.json()['error']['message']}"
+        elif reply.status_code == 200:
+            answer = reply.json()
+            flight.data["catch_up"] = f"snapshot at {answer['snapshot_index']} from {answer['leader']} (match index was {answer['match_index']})"
+        else:
+            raise ActionFailed(f"catch-up refused by {leader['id']}: {reply.status_code} {reply.text[:200]}")
+
+    async def lag_closed(self, node: Node, flight: InFlight) -> None:
+        """The gap must close within thresholds.slow_follower_s; if it persists, the action fails and says so."""
+        limit, lag = self.config.thresholds.slow_follower_lag, None
+        with trio.move_on_after(self.config.thresholds.slow_follower_s):
+            while True:
+                leader = await self.leader(exclude=node.name)
+                peer = leader.get("peers", {}).get(node.name) if leader else None
+                if peer is not None:
+                    lag = peer["lag"]
+                    if lag <= limit:
+                        flight.data["lag"] = lag
+                        return
+                await trio.sleep(POLL_S)
+        raise ActionFailed(f"persists: {node.name} still {lag} entries behind the leader "
+                           f"{self.config.thresholds.slow_follower_s:g}s after the snapshot catch-up (slow_follower_lag {limit})")

@@ -50,7 +50,7 @@ class Thresholds(Strict):
     open_fds_max: int = 50_000
     cpu_max_pct: float = 400.0  # of one CPU, sustained over confirm_probes
     slow_follower_lag: int = 10_000  # entries behind the leader
-    slow_follower_s: float = 30.0  # for this long before it is reported
+    slow_follower_s: float = 30.0  # for this long before a snapshot catch-up; still behind this long after it: reported
     term_gap: int = 10  # a node this many terms ahead of the leader is reported as term divergence
 
 

@@ -44,7 +44,7 @@ class Recoveryd:
         self.executor = make(config)
         self.prober = Prober(config, self.executor, client)
         self.journal = Journal(config.recoveryd.state_dir)
-        self.actions = Actions(config, self.executor, client, self.journal)
+        self.actions = Actions(config, self.executor, client, self.journal, self.prober)
         self.tracker = Tracker(config)
         self.planner = Planner(config, restarts=self.records.restarts_since(time.time() - config.policy.restart_window_s, PROCESS_ACTIONS))
         self.notifier = Notifier()
@@ -129,7 +129,7 @@ class Recoveryd:
     def _record(self, diagnosis: Diagnosis, now: float) -> Record:
         self.metrics.detections.labels(diagnosis.failure).inc()
         return Record(id=uuid.uuid4().hex[:16], node=diagnosis.node, failure=diagnosis.failure, action=ACTIONS[diagnosis.failure],
-                      reason=diagnosis.reason, evidence=list(diagnosis.evidence), started=now)
+                      reason=diagnosis.reason, evidence=list(diagnosis.evidence), views=diagnosis.views, started=now)
 
     async def act(self, flight: InFlight) -> None:
         self.metrics.in_flight.inc()

@@ -75,10 +75,11 @@ class Watched:
     def pid(self, node: str) -> int:
         return self.executor.pid(self.nodes[node])
 
-    def start_recoveryd(self) -> None:
+    def start_recoveryd(self, env: dict[str, str] | None = None) -> None:
+        """`env`: extra environment (test switches such as a pause point), for this run of recoveryd only."""
         log = open(self.state_dir.parent / "recoveryd.log", "ab")
         self.proc = subprocess.Popen([sys.executable, "-m", "recoveryd", "--config", str(self.config_path)],
-                                     stdout=log, stderr=subprocess.STDOUT)
+                                     stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
         log.close()
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:

@@ -25,17 +25,19 @@ DIVERGENCE = "divergence"
 SLOW_FOLLOWER = "slow_follower"
 
 RESTART, RESEED, RELIEVE, REPORT = "restart", "reseed", "relieve", "report"
+STEP_DOWN, CATCH_UP = "step_down", "catch_up"
 ACTIONS = {
     CRASH: RESTART,
     HANG: RESTART,
     CORRUPTION: RESEED,
     DIVERGENCE: RESEED,  # state transfer from the leader, as for a damaged log
     EXHAUSTION: RELIEVE,
-    SPLIT_BRAIN: REPORT,  # Raft resolves it (CheckQuorum); a restart would only hide the evidence
-    TERM_DIVERGENCE: REPORT,
-    SLOW_FOLLOWER: REPORT,  # dtf catches a follower up by snapshot by itself
+    SPLIT_BRAIN: STEP_DOWN,  # a safe Raft operation on the stale leader; a restart would only hide the evidence
+    TERM_DIVERGENCE: REPORT,  # the node's next message makes the others adopt its term: Raft resolves it
+    SLOW_FOLLOWER: CATCH_UP,  # the leader sends it a snapshot instead of the entries it is behind by
 }
 PROCESS_ACTIONS = frozenset({RESTART, RESEED, RELIEVE})  # may stop the process: bounded by limits
+CLUSTER_FAILURES = frozenset({SPLIT_BRAIN, TERM_DIVERGENCE, DIVERGENCE, SLOW_FOLLOWER})  # seen by comparing the nodes' views
 MAX_EVIDENCE = 5  # observations kept with a diagnosis
 
 
@@ -48,7 +50,7 @@ def verdicts(cycle: dict[str, Observation], config: Config) -> dict[str, Verdict
     """At most one suspected failure per node for this cycle, the most urgent first."""
     found: dict[str, Verdict] = {}
     for name, obs in cycle.items():
-        verdict = _process_verdict(obs) or _resource_verdict(obs, config)
+        verdict = _process_verdict(obs) or resource_verdict(obs, config)
         if verdict:
             found[name] = verdict
     for name, verdict in _cluster_verdicts(cycle, config).items():
@@ -69,7 +71,7 @@ def _process_verdict(obs: Observation) -> Verdict | None:
     return None
 
 
-def _resource_verdict(obs: Observation, config: Config) -> Verdict | None:
+def resource_verdict(obs: Observation, config: Config) -> Verdict | None:
     r, t = obs.resources, config.thresholds
     if r is None:
         return None
@@ -88,7 +90,7 @@ def _resource_verdict(obs: Observation, config: Config) -> Verdict | None:
 
 
 def _cluster_verdicts(cycle: dict[str, Observation], config: Config) -> dict[str, Verdict]:
-    """Compare the nodes' own views: leaders, terms, checksums at one applied index, follower lag."""
+    """Compare the nodes' own views: leaders, terms, state checksums at the same index, follower lag."""
     views = {name: obs.status for name, obs in cycle.items() if obs.status}
     found: dict[str, Verdict] = {}
     leaders = sorted((v["term"], name) for name, v in views.items() if v["role"] == "leader")
@@ -105,17 +107,48 @@ def _cluster_verdicts(cycle: dict[str, Observation], config: Config) -> dict[str
         if view["term"] > leader_term + config.thresholds.term_gap:
             found.setdefault(name, Verdict(TERM_DIVERGENCE, f"term {view['term']}, leader {leader} at term {leader_term}"))
     lead = views[leader]
-    for name, view in views.items():
-        if name != leader and view["applied_index"] == lead["applied_index"] and view["checksum"] != lead["checksum"]:
-            others = [v for n, v in views.items() if n != name and v["applied_index"] == view["applied_index"]]
-            if all(v["checksum"] == lead["checksum"] for v in others):
-                found.setdefault(name, Verdict(
-                    DIVERGENCE, f"checksum {view['checksum'][:12]} at applied index {view['applied_index']}, leader {leader} has {lead['checksum'][:12]}"
-                ))
+    for name, verdict in _odd_states(views, len(config.nodes)).items():
+        found.setdefault(name, verdict)
     for name, peer in lead.get("peers", {}).items():
         if name in cycle and cycle[name].up and peer["lag"] > config.thresholds.slow_follower_lag:
             found.setdefault(name, Verdict(SLOW_FOLLOWER, f"{peer['lag']} entries behind leader {leader} (match index {peer['match_index']})"))
     return found
+
+
+def _odd_states(views: dict[str, dict], cluster_size: int) -> dict[str, Verdict]:
+    """Nodes whose state checksum differs from a majority's at the same index (the newest index that shows one).
+
+    Each node reports its checksum at its applied index and at recent checkpoints (every
+    index that is a multiple of raft.checksum_every_entries), so under load, when no two
+    nodes are at the same applied index, they still share a checkpoint.
+    """
+    points: dict[int, dict[str, str]] = {}
+    for name, view in views.items():
+        for point in [*view.get("checkpoints", []), {"index": view["applied_index"], "checksum": view["checksum"]}]:
+            points.setdefault(point["index"], {})[name] = point["checksum"]
+    majority = cluster_size // 2 + 1
+    for index in sorted(points, reverse=True):
+        sums = points[index]
+        agreed = [c for c in set(sums.values()) if sum(1 for v in sums.values() if v == c) >= majority]
+        if agreed and len(set(sums.values())) > 1:
+            (good,) = agreed
+            holders = ", ".join(sorted(n for n, c in sums.items() if c == good))
+            return {name: Verdict(DIVERGENCE, f"checksum {c[:12]} at index {index}, the majority ({holders}) has {good[:12]}")
+                    for name, c in sums.items() if c != good}
+    return {}
+
+
+def views_of(cycle: dict[str, Observation]) -> dict[str, dict]:
+    """Every node's own view in one cycle, as evidence for a failure seen by comparing them."""
+    keys = ("role", "term", "leader", "commit_index", "applied_index", "checksum", "rejoining")
+    out = {}
+    for name, obs in sorted(cycle.items()):
+        view = {"health": obs.health.outcome}
+        if obs.status:
+            view.update({k: obs.status.get(k) for k in keys})
+            view["lag"] = {peer: p["lag"] for peer, p in obs.status.get("peers", {}).items()} if obs.status["role"] == "leader" else {}
+        out[name] = view
+    return out
 
 
 @dataclass
@@ -124,6 +157,7 @@ class Diagnosis:
     failure: str
     reason: str
     evidence: list[Observation]
+    views: dict = field(default_factory=dict)  # every node's view, for failures seen by comparing them
 
     @property
     def action(self) -> str:
@@ -134,7 +168,8 @@ class Diagnosis:
 class _Streak:
     failure: str
     reason: str
-    observations: list[Observation] = field(default_factory=list)
+    observations: list[Observation] = field(default_factory=list)  # the latest MAX_EVIDENCE
+    since: float = 0.0  # when the first of the streak was made
     count: int = 0
     acted: bool = False  # a decision was taken on this streak: a report is not repeated
 
@@ -159,15 +194,19 @@ class Tracker:
                 self.streaks.pop(name, None)
                 continue
             if streak is None or streak.failure != verdict.failure:
-                streak = self.streaks[name] = _Streak(verdict.failure, verdict.reason)
+                streak = self.streaks[name] = _Streak(verdict.failure, verdict.reason, since=obs.at)
             streak.count += 1
             streak.reason = verdict.reason
             streak.observations = [*streak.observations, obs][-MAX_EVIDENCE:]
             if streak.acted or streak.count < self.needed(streak.failure):
                 continue
-            if streak.failure == SLOW_FOLLOWER and obs.at - streak.observations[0].at < self.config.thresholds.slow_follower_s:
-                continue
-            confirmed.append(Diagnosis(name, streak.failure, streak.reason, list(streak.observations)))
+            reason = streak.reason
+            if streak.failure == SLOW_FOLLOWER:
+                if obs.at - streak.since < self.config.thresholds.slow_follower_s:
+                    continue
+                reason += f" for {obs.at - streak.since:.1f}s"
+            views = views_of(cycle) if streak.failure in CLUSTER_FAILURES else {}
+            confirmed.append(Diagnosis(name, streak.failure, reason, list(streak.observations), views))
         return confirmed
 
     def acted(self, node: str) -> None:
@@ -200,16 +239,19 @@ class Planner:
             return Decision("skip", f"{self.in_flight[node]} already in progress")
         if node in self.failed:
             return Decision("skip", f"marked failed: {self.failed[node]}")
-        if action not in PROCESS_ACTIONS:
+        if action == REPORT:
             return Decision("act", "report only: no safe automatic repair")
+        if action not in PROCESS_ACTIONS:
+            return Decision("act", diagnosis.reason)  # a Raft operation that stops no process: not bounded by restart limits
         recent = [t for t in self.restarts.get(node, []) if now - t < policy.restart_window_s]
         self.restarts[node] = recent
         if len(recent) >= policy.max_restart_attempts:
             return Decision("give_up", f"{len(recent)} restarts within {policy.restart_window_s:g}s (max_restart_attempts {policy.max_restart_attempts})")
         if recent and now - recent[-1] < policy.restart_cooldown_s:
             return Decision("wait", f"cool-down: last restart {now - recent[-1]:.1f}s ago (restart_cooldown_s {policy.restart_cooldown_s:g})")
-        if len(self.in_flight) >= self.config.max_parallel:
-            busy = ", ".join(f"{n} ({a})" for n, a in sorted(self.in_flight.items()))
+        stopping = {n: a for n, a in self.in_flight.items() if a in PROCESS_ACTIONS}
+        if len(stopping) >= self.config.max_parallel:
+            busy = ", ".join(f"{n} ({a})" for n, a in sorted(stopping.items()))
             return Decision("wait", f"already acting on {busy}; at most {self.config.max_parallel} node(s) at once")
         if action == RESEED or (action == RELIEVE and latest[node].up):
             blocked = self.quorum_without(node, latest)
@@ -223,7 +265,7 @@ class Planner:
         need = len(names) // 2 + 1
         voting = [
             n for n in names
-            if n != node and n not in self.in_flight and n not in self.failed
+            if n != node and self.in_flight.get(n) not in PROCESS_ACTIONS and n not in self.failed
             and n in latest and latest[n].up and latest[n].status is not None and not latest[n].status.get("rejoining")
         ]
         if len(voting) >= need:

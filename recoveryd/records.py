@@ -28,7 +28,8 @@ class Record(msgspec.Struct, kw_only=True):
     failure: str
     action: str
     reason: str
-    evidence: list = []
+    evidence: list = []  # the node's observations that confirmed the failure
+    views: dict = {}  # every node's view, for failures seen by comparing them (split brain, divergence, lag)
     result: str = ""  # ok | failed | gave_up | refused | reported
     detail: str = ""
     started: float = 0.0  # wall clock, seconds
@@ -79,7 +80,8 @@ class Records:
         self.db.execute(
             "INSERT INTO node_recovery_history VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
             [record.node, record.failure, json.dumps({"id": record.id, "reason": record.reason, "detail": record.detail,
-                                                      "observations": msgspec.to_builtins(record.evidence)}),
+                                                      "observations": msgspec.to_builtins(record.evidence),
+                                                      "views": record.views}),
              record.action, record.result, _utc(record.started), _utc(record.finished), record.duration_s],
         )
         line = {**msgspec.to_builtins(record), "duration_s": record.duration_s}

@@ -2,11 +2,14 @@
 
 Every child is a real dtfd or dtf-worker process on loopback. On Ctrl-C or SIGTERM the
 workers are stopped first (they drain and deregister), then the nodes; nothing is left.
+The demo's nodes are watched by a real recoveryd in local mode, which restarts the one
+the demo kills.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import signal
 import sys
@@ -22,9 +25,12 @@ from dtfd.ctl import render
 from dtfd.ctl.cli import cluster_view
 from dtfd.ctl.client import Client, CtlError, Target
 from dtfd.devcluster import LocalCluster, write_configs, write_worker_config
+from recoveryd import local as recoveryd_local
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "demo-suite"
 GENERATED_TASKS = 16  # quick passing tasks beside the example suite, so the run has a middle to fail over in
+DEMO_RECOVERYD = {"probes": {"interval_s": 0.25, "timeout_s": 0.4, "slow_s": 0.25}}
+RECOVERY_WAIT_S = 30.0
 
 
 class _Stop(Exception):
@@ -35,13 +41,17 @@ def _raise_stop(signum: int, frame: object) -> None:
     raise _Stop
 
 
+def _start_workers(cluster: LocalCluster, workers: int) -> None:
+    for n in range(workers):
+        labels = {"os": "linux", "pool": "even" if n % 2 == 0 else "odd"}
+        cluster.start_worker(write_worker_config(cluster.files, f"worker{n + 1}", labels=labels, slots=2))
+
+
 def start(directory: Path, nodes: int, workers: int, console: Console) -> tuple[LocalCluster, Client]:
     files = write_configs(directory, nodes=nodes)
     cluster = LocalCluster(files)
     cluster.start_all()
-    for n in range(workers):
-        labels = {"os": "linux", "pool": "even" if n % 2 == 0 else "odd"}
-        cluster.start_worker(write_worker_config(files, f"worker{n + 1}", labels=labels, slots=2))
+    _start_workers(cluster, workers)
     try:
         cluster.wait_leader(timeout=30)
     except TimeoutError as exc:
@@ -95,18 +105,55 @@ def _demo_specs(suite: Path, state: Path) -> list[dict]:
     return specs
 
 
+def _start_watched(directory: Path, workers: int) -> tuple[recoveryd_local.Watched, Client]:
+    """Three nodes started through recoveryd's local executor, a recoveryd watching them, and the workers."""
+    files = write_configs(directory, nodes=3)
+    watched = recoveryd_local.Watched(files, recoveryd_local.write_config(files, directory, DEMO_RECOVERYD))
+    try:
+        watched.start_nodes()
+        watched.start_recoveryd()
+    except (TimeoutError, RuntimeError) as exc:
+        watched.stop_all()
+        raise CtlError(f"the local cluster or its recoveryd did not start: {exc} (logs in {directory})") from None
+    _start_workers(watched.cluster, workers)
+    return watched, Client(Target([f"http://{a}" for a in files.api.values()], files.admin_token))
+
+
+def _restart_of(watched: recoveryd_local.Watched, node: str) -> dict | None:
+    return next((r for r in watched.records() if r["node"] == node and r["action"] == "restart" and r["result"] == "ok"), None)
+
+
+def _recovered(console: Console, watched: recoveryd_local.Watched, client: Client, node: str, killed_at: float) -> dict | None:
+    """recoveryd's restart of the killed node, once the cluster's replicated history shows it too."""
+    deadline = time.monotonic() + RECOVERY_WAIT_S
+    while time.monotonic() < deadline:
+        record = _restart_of(watched, node)
+        history = client.request("GET", "/v1/history")
+        if record and any(e["node"] == node and e["action"] == "restart" for e in history.get("recoveries", [])):
+            console.print(Text(f"recoveryd saw {node} crash ({record['reason']}) and restarted it; back "
+                               f"{record['finished'] - killed_at:.1f}s after the kill -9", style="bold cyan"))
+            console.print(Text("dtfctl history:", style="bold"))
+            console.print(render.history(history))
+            return record
+        time.sleep(0.25)
+    console.print(Text(f"recoveryd did not restart {node} within {RECOVERY_WAIT_S:g}s "
+                       f"(see {watched.state_dir.parent / 'recoveryd.log'})", style="bold red"))
+    return None
+
+
 def demo(console: Console) -> int:
     work = Path(tempfile.mkdtemp(prefix="dtf-demo-"))
     suite = work / "suite"
     shutil.copytree(EXAMPLES, suite)
     (work / "state").mkdir()
-    console.print(Text("dtf demo: 3 coordinators, 4 workers, a test run, a leader crash halfway.", style="bold"))
-    cluster, client = start(work / "cluster", 3, 4, console)
+    console.print(Text("dtf demo: 3 coordinators watched by recoveryd, 4 workers, a test run, a leader crash halfway.", style="bold"))
+    watched, client = _start_watched(work / "cluster", 4)
+    cluster = watched.cluster
     try:
         specs = _demo_specs(suite, work / "state")
         answer = client.request("POST", "/v1/tasks", json={"tasks": specs, "run_id": "demo"})
         console.print(f"submitted {len(answer['tasks'])} tasks as run demo (pytest modules with JUnit reports, and shards)")
-        killed = ""
+        killed, killed_at = "", 0.0
         with Live(console=console, refresh_per_second=4) as live:
             while True:
                 summary = client.request("GET", "/v1/runs/demo", deadline_s=60)
@@ -114,10 +161,13 @@ def demo(console: Console) -> int:
                 view = cluster_view(client)
                 line = Text(f"run demo: {done}/{summary['total']} finished " + ", ".join(f"{n} {s}" for s, n in sorted(summary["states"].items())))
                 note = Text(f"killed the leader {killed} (kill -9) halfway through the run", style="bold yellow") if killed else Text("")
-                live.update(Group(render.status(view), line, note))
+                restarted = _restart_of(watched, killed) if killed else None
+                repair = Text(f"recoveryd restarted {killed} {restarted['finished'] - killed_at:.1f}s after the kill", style="bold cyan") \
+                    if restarted else Text("")
+                live.update(Group(render.status(view), line, note, repair))
                 if not killed and done >= summary["total"] // 2 and view["leader"]:
-                    killed = view["leader"]
-                    cluster.kill(killed)
+                    killed, killed_at = view["leader"], time.time()
+                    os.kill(watched.pid(killed), signal.SIGKILL)
                 if summary["done"]:
                     break
                 time.sleep(0.25)
@@ -127,17 +177,19 @@ def demo(console: Console) -> int:
         terminal_records = [sum(1 for h in task["history"] if h["to_state"] in render.TERMINAL) for task in results]
         lost = sum(1 for task in results if task["state"] not in render.TERMINAL or task["state"] == "lost")
         console.print(render.run(client.request("GET", "/v1/runs/demo")))
-        console.print(render.history(client.request("GET", "/v1/history")))
+        recovered = _recovered(console, watched, client, killed, killed_at) if killed else None
         retried = sum(1 for task in results if task["attempt"] > 1)
         once = all(n == 1 for n in terminal_records)
         verdict = Text(
             f"{len(results)} tasks: {lost} lost, every result recorded {'exactly once' if once else 'MORE THAN ONCE'}, "
-            f"{retried} retried; leader {killed} was killed mid-run and the run finished anyway.",
-            style="bold green" if lost == 0 and once else "bold red",
+            f"{retried} retried; leader {killed} was killed mid-run and the run finished anyway"
+            + (f"; recoveryd brought {killed} back." if recovered else f"; recoveryd did NOT bring {killed} back."),
+            style="bold green" if lost == 0 and once and recovered else "bold red",
         )
         console.print(verdict)
-        return 0 if lost == 0 and once and len(results) == len(specs) else 1
+        return 0 if lost == 0 and once and recovered and len(results) == len(specs) else 1
     finally:
         client.close()
-        cluster.stop_all()
+        cluster.stop_all()  # the workers; the nodes are recoveryd's
+        watched.stop_all()
         shutil.rmtree(work, ignore_errors=True)

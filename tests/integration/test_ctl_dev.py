@@ -33,7 +33,8 @@ def test_demo_runs_a_failover_and_reports_nothing_lost():
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     out = " ".join(result.stdout.split())  # rich wraps long lines to the terminal width
     assert re.search(r"\d+ tasks: 0 lost, every result recorded exactly once", out)
-    assert re.search(r"leader node\d was killed mid-run and the run finished anyway", out)
+    assert re.search(r"leader node\d was killed mid-run and the run finished anyway; recoveryd brought node\d back", out)
+    assert re.search(r"node\d │ crash │ restart │ ok", out)  # recoveryd's restart, in the history dtfctl shows
     assert "Run demo: " in out and "strings" in out  # the failing module is listed first among failures
     assert "test_takes_a_while[1.2]" in out  # JUnit rows made it into the summary
 

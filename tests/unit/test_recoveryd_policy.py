@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from recoveryd.config import Config
 from recoveryd.executors import ProcessState
 from recoveryd.policy import (
-    CORRUPTION, CRASH, DIVERGENCE, EXHAUSTION, HANG, SLOW_FOLLOWER, SPLIT_BRAIN, TERM_DIVERGENCE,
+    CATCH_UP, CORRUPTION, CRASH, DIVERGENCE, EXHAUSTION, HANG, SLOW_FOLLOWER, SPLIT_BRAIN, STEP_DOWN, TERM_DIVERGENCE,
     Diagnosis, Planner, Tracker, verdicts,
 )
 from recoveryd.probes import Health, Observation, Resources, Verify
@@ -166,3 +166,56 @@ def test_reports_are_not_bounded_by_restart_limits():
     planner = Planner(config())
     planner.begin("node3", "restart", 0)
     assert planner.decide(diagnosis("node2", SPLIT_BRAIN), 0, healthy()).verdict == "act"
+
+
+def test_divergence_is_seen_at_a_shared_checkpoint_when_no_two_nodes_are_at_the_same_index():
+    """Under load the nodes' applied indexes differ; their checkpoints (every raft.checksum_every_entries) still meet."""
+    def loaded(name: str, applied: int, sums: dict[int, str], **kw) -> Observation:
+        obs = up(name, applied=applied, checksum=f"now-{name}", **kw)
+        points = [{"index": i, "checksum": c} for i, c in sums.items()]
+        return msgspec.structs.replace(obs, status={**obs.status, "checkpoints": points})
+
+    cycle = {"node1": loaded("node1", 130, {100: "good", 120: "good"}, role="leader"),
+             "node2": loaded("node2", 127, {100: "good", 120: "odd"}),
+             "node3": loaded("node3", 124, {100: "good", 120: "good"})}
+    found = verdicts(cycle, config())
+    assert set(found) == {"node2"} and found["node2"].failure == DIVERGENCE
+    assert "index 120" in found["node2"].reason and "(node1, node3)" in found["node2"].reason
+
+
+def test_a_diverged_leader_is_the_odd_one_out():
+    cycle = {"node1": up("node1", role="leader", checksum="odd"), "node2": up("node2"), "node3": up("node3")}
+    found = verdicts(cycle, config())
+    assert set(found) == {"node1"} and found["node1"].failure == DIVERGENCE
+
+
+def test_no_majority_for_any_checksum_names_no_one():
+    cycle = {"node1": up("node1", role="leader", checksum="a"), "node2": up("node2", checksum="b"), "node3": up("node3", checksum="c")}
+    assert verdicts(cycle, config()) == {}
+
+
+def test_split_brain_asks_the_stale_leader_to_step_down_with_every_nodes_view():
+    cfg = config()
+    split = {**healthy(), "node2": up("node2", role="leader", term=1)}
+    (diagnosis,) = run(Tracker(cfg), cfg, [split, split])[1]
+    assert (diagnosis.node, diagnosis.failure, diagnosis.action) == ("node2", SPLIT_BRAIN, STEP_DOWN)
+    assert set(diagnosis.views) == set(NAMES) and diagnosis.views["node2"]["role"] == "leader"
+    assert diagnosis.views["node1"]["term"] == 2 and diagnosis.views["node2"]["term"] == 1
+
+
+def test_a_slow_follower_is_confirmed_only_once_it_lasted_slow_follower_s():
+    cfg = msgspec.structs.replace(config(), thresholds=msgspec.structs.replace(config().thresholds, slow_follower_s=1.0))
+    lagging = [{**healthy(t / 5), "node1": up("node1", t / 5, role="leader", peers={"node3": {"lag": 50_000, "match_index": 3}})}
+               for t in range(12)]
+    out = run(Tracker(cfg), cfg, lagging)
+    first = next(n for n, found in enumerate(out) if found)
+    assert first == 5 and out[first][0].action == CATCH_UP and out[first][0].reason.endswith("for 1.0s")
+
+
+def test_step_downs_and_catch_ups_neither_stop_a_process_nor_count_against_restarts_or_the_quorum():
+    planner = Planner(config())
+    planner.begin("node1", STEP_DOWN, 0)
+    planner.begin("node3", CATCH_UP, 0)
+    assert planner.restarts == {}
+    decision = planner.decide(diagnosis("node2", CORRUPTION), 0, {**healthy(), "node2": down("node2", exit_code=65)})
+    assert decision.verdict == "act", decision
