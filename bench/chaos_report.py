@@ -7,8 +7,9 @@ Runs every schedule of the profile (real processes on loopback, see tests/chaos/
 then prints one row per fault kind, over all runs: faults injected, operations invoked
 during them, error rate (operations that failed or whose outcome stayed unknown), time
 without a leader, the longest latency; then a row for all fault time and one for the time
-without faults; then each run's verdicts. Like the other benches it asserts nothing about
-the numbers; it exits 1 only if a checker found a violation.
+without faults; then each run's verdicts (linearizability, lost acknowledged writes, tasks,
+and the exit codes of nodes whose disk broke). Like the other benches it asserts nothing
+about the numbers; it exits 1 only if a checker found a violation.
 """
 
 from __future__ import annotations
@@ -54,7 +55,11 @@ def verdicts(outcomes: list[Outcome]) -> str:
     lines = []
     for o in outcomes:
         tasks = "-" if o.tasks is None else ("ok" if o.tasks.ok and o.tasks_settled else "VIOLATED" if not o.tasks.ok else "NOT SETTLED")
-        lines.append(f"{o.plan.label:<10} seed={o.seed:<4} operations={o.kv.operations:<6} linearizability: {o.kv.label:<16} tasks: {tasks}")
+        exits = f"{len(o.disk_exits)} exits, {len(o.bad_exits)} not 74" if o.disk_exits else "-"
+        lines.append(
+            f"{o.plan.label:<10} seed={o.seed:<4} operations={o.kv.operations:<6} linearizability: {o.kv.label:<16} "
+            f"lost writes: {len(o.lost):<3} tasks: {tasks:<11} disk faults: {exits}"
+        )
     return "\n".join(lines)
 
 

@@ -210,15 +210,18 @@ async def call(
     return reply
 
 
+LEADER_PROBE_S = 0.5  # a loaded leader may take a few hundred ms to answer; that is not "no leader"
+
+
 async def sample_leader(http: httpx.AsyncClient, endpoint: Endpoint, history: History, interval_s: float = 0.05) -> None:
-    """Record every change of leader ("" when no node answers as leader), until cancelled."""
+    """Record every change of leader ("" when no node answers as leader within LEADER_PROBE_S), until cancelled."""
     last: str | None = None
     while True:
         leaders: list[str] = []
 
         async def ask(url: str) -> None:
             try:
-                reply = await http.get(url + "/leader", timeout=interval_s * 4)
+                reply = await http.get(url + "/leader", timeout=LEADER_PROBE_S)
             except httpx.HTTPError:
                 return
             if reply.status_code == 200:

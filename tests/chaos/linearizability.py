@@ -20,6 +20,7 @@ it, exactly when it is linearizable anywhere, and dropping it keeps the search s
 from __future__ import annotations
 
 import time
+from bisect import bisect_right
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Literal
@@ -218,6 +219,56 @@ def _failure(key: str, ops: list[Op], best: list[int], stuck: int) -> KeyFailure
     placed = set(best)
     concurrent = [op for n, op in enumerate(ops) if n not in placed and n != stuck and op.invoke <= blocked.end and op.end >= blocked.invoke]
     return KeyFailure(key, [ops[n] for n in best], blocked, concurrent[:8])
+
+
+@dataclass(frozen=True)
+class LostWrite:
+    """An acknowledged write, and an observation that began after it completed yet saw a value
+    every write of which had completed before it began: the write was lost (or the read stale)."""
+
+    write: Op
+    seen: Op
+
+    def explain(self) -> str:
+        return f"key {self.write.key!r}: acknowledged {describe(self.write)}, then {describe(self.seen)}: an older value"
+
+
+def lost_writes(ops: Iterable[Op]) -> list[LostWrite]:
+    """Witnesses of acknowledged writes missing from later reads, one per observation that saw the past.
+
+    From the history alone a lost write and a stale read look alike; with every read
+    linearizable (ReadIndex), it is the write that was lost. Clearer than a failed
+    linearization, which only names where the search got stuck, and found in O(n log n)
+    per key. Values must be unique per write, as the chaos clients make them; the absent
+    value (None) counts as written before the history began."""
+    by_key: dict[str, list[Op]] = {}
+    for op in ops:
+        by_key.setdefault(op.key, []).append(op)
+    found = []
+    for key_ops in by_key.values():
+        produced: dict[str | None, float] = {None: -INFINITY}  # value -> when its last writer ended
+        for op in key_ops:
+            if (op.kind == "write" or (op.kind == "cas" and op.ok)) and op.outcome != "fail":  # an unknown cas may have written
+                produced[op.value] = max(produced.get(op.value, -INFINITY), op.end)
+        acked = sorted((op for op in key_ops if op.outcome == "ok" and op.kind != "read" and op.ok), key=lambda op: op.invoke)
+        earliest = _suffix_earliest_end(acked)
+        starts = [op.invoke for op in acked]
+        for seen in key_ops:
+            if seen.outcome != "ok" or not (seen.kind == "read" or (seen.kind == "cas" and not seen.ok)):
+                continue
+            written = produced.get(seen.observed, INFINITY)  # never written: not this check's business
+            first = bisect_right(starts, written)  # acknowledged writes begun after the seen value was written
+            if first < len(acked) and earliest[first].end < seen.invoke:
+                found.append(LostWrite(earliest[first], seen))
+    return found
+
+
+def _suffix_earliest_end(ops: list[Op]) -> list[Op]:
+    """For each position, the op ending first among it and those after it."""
+    best: list[Op] = []
+    for op in reversed(ops):
+        best.append(op if not best or op.end < best[-1].end else best[-1])
+    return best[::-1]
 
 
 def check(ops: Iterable[Op], budget_s: float = 60.0) -> Verdict:

@@ -13,12 +13,16 @@ run that ends mid-fault leaves no node stopped or partitioned.
 | partition_leader, partition_node | every peer link of the node cut (dropped, or blackholed: open but silent) | restoring the links |
 | restart_all | SIGKILL of every node at once | starting them all |
 | kill_worker | SIGKILL of a dtf-worker (its leases must be requeued, attempt counted) | starting the worker again |
+| fsync_error, disk_full | every fsync of the node fails with EIO, or every write with ENOSPC (storage failpoints, see dtfd/storage/failpoints.py), on the leader or, for odd picks, any node: the node must exit 74 at its next write, and is restarted 1 s after each exit, as systemd would, failing again while the disk stays broken (at least until it failed once, up to 10 s) | clearing the failpoint and starting the node if it is down |
 """
 
 from __future__ import annotations
 
+import errno
 import random
 import signal
+import subprocess
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,8 +30,9 @@ from pathlib import Path
 import trio
 
 from dtfd.devcluster import LocalCluster
+from dtfd.storage import failpoints
 from tests.chaos.history import History
-from tests.chaos.proxy import Mesh, Mode
+from tests.chaos.proxy import Mesh, Mode, ProxiedCluster
 
 DURATIONS: dict[str, tuple[float, float]] = {
     "kill_leader": (0.2, 3.0),
@@ -38,7 +43,12 @@ DURATIONS: dict[str, tuple[float, float]] = {
     "partition_node": (0.5, 5.0),
     "restart_all": (0.1, 1.5),
     "kill_worker": (0.5, 3.0),
+    "fsync_error": (0.2, 3.0),
+    "disk_full": (0.2, 3.0),
 }
+DISK_FAULTS = {"fsync_error": {"fsync": errno.EIO}, "disk_full": {"write": errno.ENOSPC}}
+RESTART_SEC = 1.0  # as RestartSec= in units/dtfd@.service
+DISK_FAULT_MAX_S = 10.0  # a broken disk stays broken past its duration until the node has met it, up to this
 FAULTS = tuple(DURATIONS)
 GAP_S = (0.5, 2.5)  # healthy time between two faults
 LEADER_LOOKUP_S = 3.0
@@ -52,21 +62,22 @@ class Fault:
     pick: int  # chooses the node, worker or partition style where the leader does not decide
 
 
-def schedule(seed: int, kinds: Sequence[str], length_s: float) -> list[Fault]:
+def schedule(seed: int, kinds: Sequence[str], length_s: float, gap_s: tuple[float, float] = GAP_S) -> list[Fault]:
     """Faults from `kinds` with random timing and targets, filling `length_s` seconds: every
-    kind once first, in a random order, then random kinds."""
+    kind once first, in a random order (even past `length_s`), then random kinds; `gap_s`
+    bounds the healthy time before each."""
     unknown = set(kinds) - set(FAULTS)
     if unknown:
         raise ValueError(f"unknown fault kinds: {sorted(unknown)}")
     rng = random.Random(seed)
     faults: list[Fault] = []
     first = rng.sample(list(kinds), len(kinds))
-    at = rng.uniform(*GAP_S)
-    while at < length_s:
+    at = rng.uniform(*gap_s)
+    while at < length_s or first:
         kind = first.pop(0) if first else rng.choice(list(kinds))
         duration = round(rng.uniform(*DURATIONS[kind]), 3)
         faults.append(Fault(round(at, 3), kind, duration, rng.randrange(1 << 16)))
-        at += duration + rng.uniform(*GAP_S)
+        at += duration + rng.uniform(*gap_s)
     return faults
 
 
@@ -74,8 +85,10 @@ class Nemesis:
     """Injects and heals the faults of a schedule on a running cluster, recording each one."""
 
     def __init__(self, cluster: LocalCluster, history: History, mesh: Mesh | None = None, workers: dict[str, Path] | None = None) -> None:
+        """Disk faults need a ProxiedCluster (its nodes watch failpoint files); partitions need `mesh`."""
         self.cluster, self.history, self.mesh = cluster, history, mesh
         self.workers = workers or {}
+        self._exited: set[subprocess.Popen] = set()
 
     async def run(self, faults: Sequence[Fault]) -> None:
         start = trio.current_time()
@@ -88,13 +101,18 @@ class Nemesis:
         if target is None:
             self.history.add({"type": "fault", "kind": fault.kind, "target": "", "start": self.history.now(), "end": self.history.now(), "skipped": True})
             return
-        record = {"type": "fault", "kind": fault.kind, "target": target, "start": self.history.now(), "planned_s": fault.duration}
+        record: dict = {"type": "fault", "kind": fault.kind, "target": target, "start": self.history.now(), "planned_s": fault.duration}
+        if fault.kind in DISK_FAULTS:
+            record["exits"] = []
         try:
             await self._break(fault, target)
-            await trio.sleep(fault.duration)
+            if fault.kind in DISK_FAULTS:
+                await self._supervise(target, fault.duration, record["exits"])
+            else:
+                await trio.sleep(fault.duration)
         finally:
             with trio.CancelScope(shield=True):
-                await self._heal(fault, target)
+                await self._heal(fault, target, record)
                 record["end"] = self.history.now()
                 self.history.add(record)
 
@@ -102,11 +120,11 @@ class Nemesis:
         nodes = self.cluster.files.node_ids
         if fault.kind == "kill_worker":
             return sorted(self.workers)[fault.pick % len(self.workers)] if self.workers else None
-        if fault.kind.startswith("partition") and self.mesh is None:
+        if (fault.kind.startswith("partition") and self.mesh is None) or (fault.kind in DISK_FAULTS and not isinstance(self.cluster, ProxiedCluster)):
             return None
         if fault.kind == "restart_all":
             return "all"
-        if fault.kind.endswith("_leader"):
+        if fault.kind.endswith("_leader") or (fault.kind in DISK_FAULTS and fault.pick % 2 == 0):
             try:
                 return await trio.to_thread.run_sync(self.cluster.wait_leader, LEADER_LOOKUP_S)
             except TimeoutError:
@@ -123,8 +141,11 @@ class Nemesis:
         elif action == "partition":
             assert self.mesh is not None
             self.mesh.isolate(target, Mode.BLACKHOLE if fault.pick % 2 else Mode.DROP)
+        elif fault.kind in DISK_FAULTS:
+            assert isinstance(self.cluster, ProxiedCluster)
+            failpoints.arm(str(self.cluster.failpoints(target)), **DISK_FAULTS[fault.kind])
 
-    async def _heal(self, fault: Fault, target: str) -> None:
+    async def _heal(self, fault: Fault, target: str, record: dict) -> None:
         action = fault.kind.split("_")[0]
         if action == "kill" or fault.kind == "restart_all":
             for name in self._names(target):
@@ -139,6 +160,42 @@ class Nemesis:
         elif action == "partition":
             assert self.mesh is not None
             self.mesh.heal()
+        elif fault.kind in DISK_FAULTS:
+            assert isinstance(self.cluster, ProxiedCluster)
+            failpoints.disarm(str(self.cluster.failpoints(target)))
+            # A write that failed just before the disarm still ends the process: wait until
+            # the node answers or exits, so that it is never left down.
+            await trio.to_thread.run_sync(self._answers_or_exits, target)
+            proc = self.cluster.procs[target]
+            if proc.poll() is not None:
+                self._note_exit(proc, record["exits"])
+                self.cluster.start(target)
+
+    async def _supervise(self, node: str, duration: float, exits: list[int]) -> None:
+        """What systemd does while the disk stays broken: restart the node RESTART_SEC after
+        each exit, appending each exit code to `exits` (each must be 74, EX_IOERR). The disk
+        stays broken past `duration` until the node has met it (a node still starting, or
+        starved of CPU, may not write for a while), up to DISK_FAULT_MAX_S."""
+        start = trio.current_time()
+        with trio.move_on_after(max(duration, DISK_FAULT_MAX_S)):
+            while not exits or trio.current_time() - start < duration:
+                proc = self.cluster.procs[node]
+                if proc.poll() is None:
+                    await trio.sleep(0.02)
+                    continue
+                self._note_exit(proc, exits)
+                await trio.sleep(RESTART_SEC)
+                self.cluster.start(node)
+
+    def _note_exit(self, proc: subprocess.Popen, exits: list[int]) -> None:
+        if proc not in self._exited:
+            self._exited.add(proc)
+            exits.append(proc.returncode)
+
+    def _answers_or_exits(self, node: str, timeout: float = 10.0) -> None:
+        deadline = time.monotonic() + timeout
+        while self.cluster.procs[node].poll() is None and self.cluster.status(node) is None and time.monotonic() < deadline:
+            time.sleep(0.05)
 
     def _names(self, target: str) -> list[str]:
         return list(self.cluster.files.node_ids) if target == "all" else [target]

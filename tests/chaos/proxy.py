@@ -22,6 +22,7 @@ import tomli_w
 import trio
 
 from dtfd.devcluster import ClusterFiles, LocalCluster, free_ports
+from dtfd.storage import failpoints
 
 CHUNK = 65536
 
@@ -148,11 +149,15 @@ class Mesh:
 
 
 class ProxiedCluster(LocalCluster):
-    """A LocalCluster whose nodes each read their own config from a Mesh, so peer traffic crosses the proxies."""
+    """A LocalCluster whose nodes each read their own config from a Mesh, so peer traffic crosses
+    the proxies, and each watch their own storage failpoint file, so a nemesis can break their disk."""
 
     def __init__(self, files: ClusterFiles, mesh: Mesh) -> None:
         super().__init__(files)
         self.mesh = mesh
+
+    def failpoints(self, node: str) -> Path:
+        return self.files.directory / f"failpoints-{node}"
 
     def start(self, node: str, extra_env: dict[str, str] | None = None) -> subprocess.Popen:
         with open(self.files.directory / f"{node}.log", "ab") as log:
@@ -160,7 +165,7 @@ class ProxiedCluster(LocalCluster):
                 [sys.executable, "-m", "dtfd.cli", "--config", str(self.mesh.configs[node]), "--node", node],
                 stdout=log,
                 stderr=subprocess.STDOUT,
-                env={**os.environ, **self.env, **(extra_env or {})},
+                env={**os.environ, **self.env, failpoints.FAILPOINTS_ENV: str(self.failpoints(node)), **(extra_env or {})},
             )
         self.procs[node] = proc
         return proc

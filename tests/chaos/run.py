@@ -2,8 +2,9 @@
 
     python -m tests.chaos --profile ci --seed 1        # 3 schedules of ~20 s of faults, ~2-3 minutes
     python -m tests.chaos --profile chaos --seed 1     # every fault kind, until >= 10,000 operations
-    python -m tests.chaos --profile ci --seed 1 --stale-reads   # a wrong client: must be caught
-    python -m tests.chaos --check path/to/history.jsonl         # re-check a kept history
+    python -m tests.chaos --seed 1 --bug stale-reads       # a wrong client: must be caught
+    python -m tests.chaos --seed 1 --bug ack-before-fsync  # nodes that ack before fsync: must be caught
+    python -m tests.chaos --check path/to/history.jsonl    # re-check a kept history
 
 A run's seed fixes its fault schedule, the clients' choices and the task specs; each run
 prints its schedule, operations, faults injected, availability (ok operations per second
@@ -28,9 +29,11 @@ import tomli_w
 import trio
 
 from dtfd.devcluster import ClusterFiles, write_configs, write_worker_config
+from dtfd.storage import failpoints
+from dtfd.storage.interface import EX_IOERR
 from tests.chaos.history import Endpoint, History, KvClient, TaskClient, kv_op, load, sample_leader
-from tests.chaos.linearizability import Verdict, check
-from tests.chaos.nemesis import FAULTS, Fault, Nemesis, schedule
+from tests.chaos.linearizability import LostWrite, Verdict, check, lost_writes
+from tests.chaos.nemesis import FAULTS, GAP_S, Fault, Nemesis, schedule
 from tests.chaos.proxy import Mesh, ProxiedCluster
 from tests.chaos.tasks_checker import TaskVerdict, check_tasks, runs_from
 
@@ -52,17 +55,29 @@ class Plan:
     workers: int = 2
     tasks: int = 40
     min_ops: int = 0  # keep the load on (healthy) past the schedule until this many operations
+    gap_s: tuple[float, float] = GAP_S  # healthy time before each fault
+
+    def schedule(self, seed: int) -> list[Fault]:
+        return schedule(seed, self.faults, self.length_s, self.gap_s)
 
 
 PROFILES: dict[str, tuple[Plan, ...]] = {
     "ci": (
-        Plan("crash", ("kill_leader", "kill_node", "restart_all", "kill_worker"), 18.0),
+        Plan("crash", ("kill_leader", "kill_node", "restart_all", "kill_worker", "fsync_error", "disk_full"), 20.0),
         Plan("pause", ("pause_leader", "pause_node"), 18.0),
         Plan("partition", ("partition_leader", "partition_node"), 18.0),
     ),
     "chaos": (Plan("all", FAULTS, 150.0, clients=16, keys=32, workers=3, tasks=300, min_ops=10_000),),
 }
-STALE = Plan("stale-reads", ("partition_node", "partition_leader"), 12.0, tasks=0)
+# Planted bugs, each with the short schedule that must catch it.
+BUGS: dict[str, Plan] = {
+    # half the clients read ?stale=ok (locally, without ReadIndex) from fixed nodes
+    "stale-reads": Plan("stale-reads", ("partition_node", "partition_leader"), 12.0, tasks=0),
+    # every node acknowledges writes ACK_DELAY_MS before they reach its disk; kill -9 of all loses
+    # them; the gaps let the cluster start (1-2.5 s on a loaded machine) and acknowledge again
+    "ack-before-fsync": Plan("ack-before-fsync", ("restart_all",), 14.0, tasks=0, gap_s=(3.5, 5.0)),
+}
+ACK_DELAY_MS = 300
 
 
 @dataclass
@@ -78,10 +93,22 @@ class Outcome:
     tasks: TaskVerdict | None
     tasks_settled: bool = True
     stats: dict[str, Any] = field(default_factory=dict)
+    lost: list[LostWrite] = field(default_factory=list)
 
     @property
     def passed(self) -> bool:
-        return self.kv.linearizable is True and (self.tasks is None or (self.tasks.ok and self.tasks_settled))
+        tasks_ok = self.tasks is None or (self.tasks.ok and self.tasks_settled)
+        return self.kv.linearizable is True and tasks_ok and not self.bad_exits
+
+    @property
+    def disk_exits(self) -> list[tuple[str, str, int]]:
+        """(fault kind, node, exit code) for every exit of a node whose disk a fault broke."""
+        return [(r["kind"], r["target"], code) for r in self.records if r["type"] == "fault" for code in r.get("exits", ())]
+
+    @property
+    def bad_exits(self) -> list[tuple[str, str, int]]:
+        """Disk-fault exits with another code than 74: a node that crashed instead of stopping cleanly."""
+        return [e for e in self.disk_exits if e[2] != EX_IOERR]
 
     @property
     def history(self) -> Path:
@@ -98,14 +125,20 @@ def worker_config(files: ClusterFiles, name: str) -> Path:
     return path
 
 
-async def run(plan: Plan, seed: int, directory: Path, stale_reads: bool = False) -> Outcome:
-    """One run of `plan` in `directory` (its cluster, logs and history stay there)."""
+async def run(plan: Plan, seed: int, directory: Path, bug: str | None = None) -> Outcome:
+    """One run of `plan` in `directory` (its cluster, logs and history stay there), with one
+    of the planted BUGS switched on if `bug` names it."""
+    if bug is not None and bug not in BUGS:
+        raise ValueError(f"unknown planted bug {bug!r}; known: {sorted(BUGS)}")
+    stale_reads = bug == "stale-reads"
     files = write_configs(directory, workload=WORKLOAD)
     mesh = Mesh(files)
     cluster = ProxiedCluster(files, mesh)
+    if bug == "ack-before-fsync":
+        cluster.env[failpoints.ACK_BEFORE_FSYNC_ENV] = str(ACK_DELAY_MS)
     history = History(directory / "history.jsonl")
     rng = random.Random(seed)
-    faults = schedule(seed, plan.faults, plan.length_s)
+    faults = plan.schedule(seed)
     endpoint = Endpoint([f"http://{files.api[n]}" for n in files.node_ids], files.admin_token)
     keys = [f"k{n}" for n in range(plan.keys)]
     clients = [
@@ -115,7 +148,8 @@ async def run(plan: Plan, seed: int, directory: Path, stale_reads: bool = False)
     tasks = TaskClient("t0", endpoint, history, random.Random(rng.random()), directory / "runs.log", f"chaos-{seed}") if plan.tasks else None
     settled = True
     try:
-        async with trio.open_nursery() as services, httpx.AsyncClient(limits=httpx.Limits(max_connections=256)) as http:
+        # The client outlives the nursery: services still running when it closes would fail, not stop.
+        async with httpx.AsyncClient(limits=httpx.Limits(max_connections=256)) as http, trio.open_nursery() as services:
             await services.start(mesh.serve)
             cluster.start_all()
             await trio.to_thread.run_sync(cluster.wait_leader, START_S)
@@ -145,8 +179,9 @@ async def run(plan: Plan, seed: int, directory: Path, stale_reads: bool = False)
         await trio.to_thread.run_sync(cluster.stop_all)
         history.close()
     kv = check(history.kv_ops(), budget_s=120.0)
+    lost = lost_writes(history.kv_ops())
     task_verdict = check_tasks(history.records, runs_from(directory / "runs.log")) if tasks is not None else None
-    outcome = Outcome(plan, seed, directory, faults, history.records, kv, task_verdict, settled)
+    outcome = Outcome(plan, seed, directory, faults, history.records, kv, task_verdict, settled, lost=lost)
     outcome.stats = statistics(history.records)
     return outcome
 
@@ -224,6 +259,12 @@ def summary(outcome: Outcome) -> str:
         f"{healthy['ok_per_s']:.0f} ok ops/s outside; {stats['leaderless_s']:.2f} s without a leader",
         f"  linearizability: {outcome.kv.label} ({outcome.kv.operations} operations on {outcome.kv.keys} keys)",
     ]
+    if exits := outcome.disk_exits:
+        bad = outcome.bad_exits
+        lines.insert(3, f"  disk faults: {len(exits)} node exits, " + (f"{len(bad)} NOT with 74: {bad}" if bad else "all with 74 (storage failed)"))
+    if outcome.lost:
+        lines.append(f"  acknowledged writes missing from later reads: {len(outcome.lost)} (lost writes, or stale reads)")
+        lines += [f"    {lost.explain()}" for lost in outcome.lost[:3]]
     lines += ["  " + failure.explain().replace("\n", "\n  ") for failure in outcome.kv.failures[:3]]
     if outcome.tasks is not None:
         states = " ".join(f"{k}={v}" for k, v in sorted(outcome.tasks.states.items()))
@@ -241,23 +282,26 @@ def describe_schedule(faults: list[Fault]) -> str:
     return ", ".join(f"{f.kind}@{f.at:.1f}s/{f.duration:.1f}s" for f in faults)
 
 
-async def run_profile(profile: str, seed: int, root: Path, stale_reads: bool = False) -> list[Outcome]:
-    """Every plan of a profile, seeds seed, seed + 1, ...; each run prints its summary."""
-    plans = (STALE,) if stale_reads else PROFILES[profile]
+async def run_profile(profile: str, seed: int, root: Path, bug: str | None = None) -> list[Outcome]:
+    """Every plan of a profile (or a planted bug's plan), seeds seed, seed + 1, ...; each run prints its summary."""
+    plans = (BUGS[bug],) if bug else PROFILES[profile]
     outcomes = []
     for n, plan in enumerate(plans):
         run_seed = seed + n
-        print(f"== {plan.label} seed={run_seed}: {describe_schedule(schedule(run_seed, plan.faults, plan.length_s))}", flush=True)
+        print(f"== {plan.label} seed={run_seed}: {describe_schedule(plan.schedule(run_seed))}", flush=True)
         started = time.monotonic()
-        outcome = await run(plan, run_seed, root / f"{plan.label}-{run_seed}", stale_reads)
+        outcome = await run(plan, run_seed, root / f"{plan.label}-{run_seed}", bug)
         print(summary(outcome) + f"\n  took {time.monotonic() - started:.0f} s", flush=True)
         outcomes.append(outcome)
     return outcomes
 
 
 def recheck(path: Path) -> int:
-    verdict = check([kv_op(r) for r in load(path) if r["type"] == "kv"], budget_s=600.0)
+    ops = [kv_op(r) for r in load(path) if r["type"] == "kv"]
+    verdict = check(ops, budget_s=600.0)
     print(f"{path}: {verdict.label} ({verdict.operations} operations on {verdict.keys} keys)")
+    for lost in lost_writes(ops):
+        print(lost.explain())
     for failure in verdict.failures:
         print(failure.explain())
     return 0 if verdict.linearizable else 1
@@ -268,16 +312,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profile", choices=sorted(PROFILES), default="ci")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--dir", type=Path, help="where runs keep their cluster, logs and history (default: a new temp dir)")
-    parser.add_argument("--stale-reads", action="store_true", help="half the clients read ?stale=ok from fixed nodes: must be caught")
+    parser.add_argument("--bug", choices=sorted(BUGS), help="run a planted bug's schedule instead of the profile: the run must be caught")
     parser.add_argument("--check", type=Path, metavar="HISTORY", help="only re-check a history file")
     args = parser.parse_args(argv)
     if args.check:
         return recheck(args.check)
     root = args.dir or Path(tempfile.mkdtemp(prefix="dtf-chaos-"))
-    outcomes = trio.run(run_profile, args.profile, args.seed, root, args.stale_reads)
-    if args.stale_reads:
+    outcomes = trio.run(run_profile, args.profile, args.seed, root, args.bug)
+    if args.bug:
         caught = all(o.kv.linearizable is False for o in outcomes)
-        print("stale reads " + ("caught" if caught else "NOT caught"))
+        print(f"planted bug {args.bug} " + ("caught" if caught else "NOT caught"))
         return 0 if caught else 1
     return 0 if all(o.passed for o in outcomes) else 1
 

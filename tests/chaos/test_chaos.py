@@ -1,9 +1,11 @@
-"""The chaos suite's CI profile on real processes, and the task checker on hand-made records.
+"""The chaos suite's CI profile on real processes, the planted bugs it must catch, and the
+task checker on hand-made records.
 
-Each CI schedule runs a 3-node cluster, 8 key/value clients and real dtf-workers under ~18 s
-of faults (about 40 s a schedule; DTF_CHAOS_SEED picks other schedules). A failing run's
-history and logs are copied to $DTF_CHAOS_ARTIFACTS (default /tmp/dtf-chaos-artifacts), named
-in the failure; `python -m tests.chaos --check HISTORY` re-checks it and the seed replays it.
+Each CI schedule runs a 3-node cluster, 8 key/value clients and real dtf-workers under ~20 s
+of faults (about 30 s a schedule; DTF_CHAOS_SEED picks other schedules); each planted bug's
+run takes about 20 s. A failing run's history and logs are copied to $DTF_CHAOS_ARTIFACTS
+(default /tmp/dtf-chaos-artifacts), named in the failure; `python -m tests.chaos --check
+HISTORY` re-checks it and the seed replays it.
 """
 
 from __future__ import annotations
@@ -17,8 +19,7 @@ import pytest
 
 from tests.chaos.history import kv_op
 from tests.chaos.linearizability import check
-from tests.chaos.nemesis import schedule
-from tests.chaos.run import PROFILES, STALE, Outcome, Plan, run, summary
+from tests.chaos.run import BUGS, PROFILES, Outcome, Plan, run, summary
 from tests.chaos.tasks_checker import check_tasks
 
 SEED = int(os.environ.get("DTF_CHAOS_SEED", "1"))
@@ -49,12 +50,15 @@ async def test_ci_schedule_keeps_every_acknowledged_operation(number: int, plan:
     assert outcome.tasks is not None and outcome.tasks.ok, report
     assert outcome.tasks.tasks > 0, report
     assert outcome.tasks_settled, f"tasks never ended\n{report}"
+    assert not outcome.bad_exits, f"a node with a broken disk did not exit 74\n{report}"
+    if {"fsync_error", "disk_full"} & set(plan.faults):
+        assert outcome.disk_exits, f"no node ever met its broken disk\n{report}"
 
 
 @pytest.mark.integration
 async def test_reads_without_read_index_are_caught(tmp_path: Path):
     """Half the clients read ?stale=ok from fixed nodes (local reads, no ReadIndex) under partitions."""
-    outcome = await run(STALE, SEED, tmp_path, stale_reads=True)
+    outcome = await run(BUGS["stale-reads"], SEED, tmp_path, bug="stale-reads")
     # The same history without the stale reads is linearizable: what was caught is theirs alone.
     honest = check([kv_op(r) for r in outcome.records if r["type"] == "kv" and not r.get("stale")], budget_s=120.0)
     caught = outcome.kv.linearizable is False and honest.linearizable is True
@@ -64,10 +68,22 @@ async def test_reads_without_read_index_are_caught(tmp_path: Path):
     assert honest.linearizable is True, f"without the stale reads: {honest.label}\n" + "\n".join(f.explain() for f in honest.failures) + f"\n{report}"
 
 
+@pytest.mark.integration
+async def test_acknowledging_writes_before_fsync_is_caught(tmp_path: Path):
+    """Every node acknowledges writes 300 ms before they reach its disk; killing all nodes at
+    once loses acknowledged writes, which later reads must expose."""
+    outcome = await run(BUGS["ack-before-fsync"], SEED, tmp_path, bug="ack-before-fsync")
+    caught = outcome.kv.linearizable is False and bool(outcome.lost)
+    report = summary(outcome) if caught else keep(outcome)
+    print(report)
+    assert outcome.kv.linearizable is False, report
+    assert outcome.lost, f"no read named a lost acknowledged write\n{report}"
+
+
 def test_a_seed_names_one_schedule_of_every_kind_without_overlaps():
-    for plan in PROFILES["ci"]:
-        faults = schedule(SEED, plan.faults, plan.length_s)
-        assert faults == schedule(SEED, plan.faults, plan.length_s) != schedule(SEED + 1, plan.faults, plan.length_s)
+    for plan in [*PROFILES["ci"], *BUGS.values()]:
+        faults = plan.schedule(SEED)
+        assert faults == plan.schedule(SEED) != plan.schedule(SEED + 1)
         assert {f.kind for f in faults} == set(plan.faults)
         assert all(a.at + a.duration < b.at for a, b in zip(faults, faults[1:]))
 

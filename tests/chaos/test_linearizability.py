@@ -7,7 +7,7 @@ import itertools
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tests.chaos.linearizability import KeyFailure, Op, check, check_key, step
+from tests.chaos.linearizability import KeyFailure, Op, check, check_key, lost_writes, step
 
 
 def w(client: str, value: str | None, start: float, end: float | None, outcome: str = "ok", key: str = "k") -> Op:
@@ -60,6 +60,22 @@ def test_concurrent_writes_in_either_order_but_reads_agree_on_one():
 
 def test_a_lost_acknowledged_write_is_caught():
     assert not linearizable(w("a", "1", 0, 1), r("b", None, 2, 3))
+
+
+def test_lost_writes_names_the_acknowledged_write_and_the_read_that_missed_it():
+    [lost] = lost_writes([w("a", "1", 0, 1), w("a", "2", 2, 3), r("b", "1", 4, 5), r("b", "2", 6, 7)])
+    assert (lost.write.value, lost.seen.observed) == ("2", "1")
+    assert "acknowledged" in lost.explain() and "older value" in lost.explain()
+    assert [x.write.value for x in lost_writes([w("a", "1", 0, 1), r("b", None, 2, 3)])] == ["1"]  # absent counts as oldest
+    assert lost_writes([w("a", "1", 0, 1), w("a", "2", 2, 3), cas("b", "2", "3", 4, 5, ok=False, observed="1")])
+
+
+def test_lost_writes_ignores_what_may_have_happened_in_another_order():
+    assert not lost_writes([w("a", "1", 0, 3), w("b", "2", 2, 4), r("c", "1", 5, 6)])  # concurrent writes
+    assert not lost_writes([w("a", "1", 0, None), w("b", "2", 2, 3), r("c", "1", 4, 5)])  # "1" may land late
+    assert not lost_writes([w("a", "1", 0, 1), w("b", "2", 2, 6), r("c", "1", 4, 5)])  # "2" not yet acknowledged
+    assert not lost_writes([w("a", "1", 0, 1), w("b", "2", 2, 3, outcome="fail"), r("c", "1", 4, 5)])
+    assert not lost_writes([w("a", "1", 0, 1), w("b", "2", 2, 3), r("c", "9", 4, 5)])  # never written: not a lost write
 
 
 def test_unknown_writes_may_or_may_not_take_effect():
@@ -159,6 +175,7 @@ def histories(draw: st.DrawFn) -> list[Op]:
 @settings(max_examples=400, deadline=None)
 @given(histories())
 def test_agrees_with_brute_force(ops: list[Op]):
-    result = check_key("k", ops)
-    assert (result is True) == brute_force(ops), ops
+    result, truth = check_key("k", ops), brute_force(ops)
+    assert (result is True) == truth, ops
     assert result is True or isinstance(result, KeyFailure)
+    assert not (lost_writes(ops) and truth), ops  # a lost write is never linearizable
