@@ -275,14 +275,17 @@ class Agent:
         self.changed.fire()
 
     async def _report_start(self, run: TaskRun) -> bool:
-        """Tell the coordinator the task starts; False when it says the lease is no longer ours."""
+        """Tell the coordinator the task starts; False when it refuses, or when no coordinator
+        answers: a lease whose start is not recorded is taken back without counting the
+        attempt, so running it anyway could run a task more than max_retries + 1 times."""
         try:
             answer = await self.client.call("POST", f"/v1/leases/{run.lease_id}/start", {"task_id": run.task_id}, deadline_s=self.lost_after_s)
         except ApiError as exc:
             log.warning("start refused; not running the task %s", run.context + " " + fields(error=exc))
             return False
         except Unavailable as exc:
-            log.warning("could not report start; running anyway %s", run.context + " " + fields(error=exc))
+            log.warning("could not report start; not running the task (its lease will be taken back) %s", run.context + " " + fields(error=exc))
+            return False
         else:
             if answer.get("cancel_requested"):
                 run.stop("cancelled", "cancelled by the coordinator")
