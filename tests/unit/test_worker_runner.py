@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import psutil
 import pytest
 import trio
 
-from dtfd.worker.runner import Settings, TaskRun, TaskSpec
+from dtfd.worker.runner import Settings, TaskRun, TaskSpec, process_tree
 
 pytestmark = pytest.mark.integration
 PY = sys.executable
@@ -221,3 +225,17 @@ async def test_output_cap_holds_against_a_task_printing_a_gigabyte(tmp_path):
         result = await _run(tmp_path, [PY, "-c", script], cap=4096).run()
     assert result.status == "succeeded" and result.truncated
     assert len(result.output_tail.encode()) <= 4096 + 200 and result.output_tail.endswith("END")
+
+
+def test_process_tree_walks_only_the_tree_and_finds_grandchildren():
+    shell = subprocess.Popen(["sh", "-c", "sh -c 'sleep 30' & sleep 30 & wait"], start_new_session=True)
+    try:
+        deadline = time.monotonic() + 10
+        while len(psutil.Process(shell.pid).children(recursive=True)) < 3:
+            assert time.monotonic() < deadline, "the shell never started its children"
+            time.sleep(0.02)
+        expected = {shell.pid, *(child.pid for child in psutil.Process(shell.pid).children(recursive=True))}
+        assert set(process_tree(shell.pid)) == expected
+    finally:
+        os.killpg(shell.pid, signal.SIGKILL)
+        shell.wait()
