@@ -131,17 +131,17 @@ class Scheduler:
         policy = t.BreakerPolicy.from_config(self.node.machine.image.config)
         if worker is None or worker.state != "active" or not t.breaker_admits(worker.breaker, now, policy):
             return []
-        tasks = self.workload.open_tasks()
-        busy = sum(1 for task in tasks if task.state in t.ACTIVE and task.lease and task.lease.worker == worker_id)
+        busy, active_per_run, queued = 0, Counter[str](), []
+        for task in self.workload.open_tasks():  # one pass: this runs for every lease request
+            if task.state in t.ACTIVE:
+                active_per_run[task.spec.run_id] += 1
+                busy += task.lease is not None and task.lease.worker == worker_id
+            elif task.state == t.QUEUED and task.not_before <= now and not task.cancel_requested:
+                queued.append(task)
         room = min(most, worker.slots - busy, 1 if worker.breaker.state != "closed" else most)
         if room <= 0:
             return []
-        active_per_run = Counter(task.spec.run_id for task in tasks if task.state in t.ACTIVE)
-        candidates = [
-            task
-            for task in tasks
-            if task.state == t.QUEUED and task.not_before <= now and not task.cancel_requested and t.fits(task.spec.requirements, worker)
-        ]
+        candidates = [task for task in queued if t.fits(task.spec.requirements, worker)]
         picked: list[t.Task] = []
         while candidates and len(picked) < room:
             best = min(candidates, key=lambda task: (-task.spec.priority, active_per_run[task.spec.run_id], task.order))
