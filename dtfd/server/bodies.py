@@ -93,13 +93,13 @@ class HeartbeatBody(t.Strict):
     leases: Annotated[list[t.Name], Meta(max_length=MAX_SLOTS)] = []  # the leases it is running
 
 
-class LeaseBody(t.Strict):
-    max: Annotated[int, Meta(ge=1, le=MAX_SLOTS)] = 1
-    wait_s: Annotated[float, Meta(ge=0, le=MAX_WAIT_S)] = 10.0  # long-poll: how long to wait for work
-
-
 class StartBody(t.Strict):
     task_id: t.Name
+
+
+class StartedBody(t.Strict):
+    task_id: t.Name
+    lease_id: t.Name
 
 
 class ResultBody(t.Outcome, kw_only=True):
@@ -107,8 +107,18 @@ class ResultBody(t.Outcome, kw_only=True):
     lease_id: t.Name
 
 
-class ResultsBody(t.Strict):
-    results: Annotated[list[ResultBody], Meta(max_length=MAX_BATCH)]
+class ResultsBody(t.Strict, kw_only=True):
+    """A worker's reports, applied as one command: runs started (before they run) and runs finished."""
+
+    results: Annotated[list[ResultBody], Meta(max_length=MAX_BATCH)] = []
+    started: Annotated[list[StartedBody], Meta(max_length=MAX_SLOTS)] = []
+
+
+class LeaseBody(ResultsBody, kw_only=True):
+    """A long-poll for up to `max` leases; the results it carries are applied before it waits."""
+
+    max: Annotated[int, Meta(ge=1, le=MAX_SLOTS)] = 1
+    wait_s: Annotated[float, Meta(ge=0, le=MAX_WAIT_S)] = 10.0  # long-poll: how long to wait for work
 
 
 class DrainBody(t.Strict):
@@ -319,6 +329,8 @@ class Grant(msgspec.Struct):
 
 class LeaseAnswer(msgspec.Struct):
     leases: list[Grant]
+    results: list[Acknowledgement]
+    started: list[StartAnswer]
 
 
 class WorkerStateAnswer(msgspec.Struct):
@@ -331,12 +343,6 @@ class RemovedAnswer(msgspec.Struct):
     requeued: list[str]
 
 
-class StartAnswer(msgspec.Struct):
-    task_id: str
-    state: str
-    cancel_requested: bool
-
-
 class Acknowledgement(msgspec.Struct):
     task_id: str
     lease_id: str
@@ -344,6 +350,11 @@ class Acknowledgement(msgspec.Struct):
     error: str  # stale_lease: the task was leased again; this result is not recorded
 
 
+class StartAnswer(Acknowledgement):
+    cancel_requested: bool  # run it only to stop it: it was cancelled meanwhile
+
+
 class ResultsAnswer(msgspec.Struct):
     results: list[Acknowledgement]
+    started: list[StartAnswer]
 

@@ -28,6 +28,7 @@ class Operation(NamedTuple):
 
 CHECKSUM = "9f2c4e0b7d1a6f3e8c5b2a9d4f7e1c6b3a8d5f2e9c4b7a1d6e3f8c5b2a9d4f7e"
 LEASE_ID = "5b0f2d6c9a8e4f71b3c2d1e0f9a8b7c6"
+PREVIOUS_LEASE_ID = "0c1d2e3f4a5b46c7d8e9f0a1b2c3d4e5"
 SPEC = {
     "argv": ["pytest", "-q", "tests/test_api.py"],
     "env": {"CI": "1"},
@@ -177,18 +178,30 @@ OPERATIONS: dict[tuple[str, str], Operation] = {
         {"cancel": [], "unknown": []}, request={"leases": [LEASE_ID]}, params={"id": "ci-worker-1"},
     ),
     ("POST", "/v1/workers/{id}/lease"): Operation(
-        {"leases": [{"lease_id": LEASE_ID, "task_id": "t42.0", "attempt": 1, "expires_at": 1767226565.1, "spec": FULL_SPEC}]},
-        request={"max": 4, "wait_s": 0.0}, params={"id": "ci-worker-1"},
+        {
+            "leases": [{"lease_id": LEASE_ID, "task_id": "t42.0", "attempt": 1, "expires_at": 1767226565.1, "spec": FULL_SPEC}],
+            "results": [{"task_id": "t41.0", "lease_id": PREVIOUS_LEASE_ID, "accepted": True, "error": ""}],
+            "started": [],
+        },
+        request={"max": 1, "wait_s": 0.0, "results": [{"task_id": "t41.0", "lease_id": PREVIOUS_LEASE_ID} | OUTCOME]},
+        params={"id": "ci-worker-1"},
     ),
     ("POST", "/v1/workers/{id}/drain"): Operation(
         {"worker": "ci-worker-1", "state": "draining"}, request={"draining": True}, params={"id": "ci-worker-1"},
     ),
     ("DELETE", "/v1/workers/{id}"): Operation({"worker": "ci-worker-1", "requeued": []}, params={"id": "ci-worker-1"}),
     ("POST", "/v1/leases/{id}/start"): Operation(
-        {"task_id": "t42.0", "state": "running", "cancel_requested": False}, request={"task_id": "t42.0"}, params={"id": LEASE_ID},
+        {"task_id": "t42.0", "lease_id": LEASE_ID, "accepted": True, "error": "", "cancel_requested": False},
+        request={"task_id": "t42.0"}, params={"id": LEASE_ID},
     ),
     ("POST", "/v1/results"): Operation(
-        {"results": [{"task_id": "t42.0", "lease_id": LEASE_ID, "accepted": True, "error": ""}]},
-        request={"results": [{"task_id": "t42.0", "lease_id": LEASE_ID} | OUTCOME]},
+        {
+            "results": [{"task_id": "t41.0", "lease_id": PREVIOUS_LEASE_ID, "accepted": True, "error": ""}],
+            "started": [{"task_id": "t42.0", "lease_id": LEASE_ID, "accepted": True, "error": "", "cancel_requested": False}],
+        },
+        request={
+            "results": [{"task_id": "t41.0", "lease_id": PREVIOUS_LEASE_ID} | OUTCOME],
+            "started": [{"task_id": "t42.0", "lease_id": LEASE_ID}],
+        },
     ),
 }

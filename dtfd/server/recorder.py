@@ -30,10 +30,10 @@ def _touched(command: object, result: Result) -> list[str]:
     """Ids of the tasks a command changed, from the command and its result."""
     if isinstance(command, t.SubmitTasks | t.AssignTasks) and isinstance(result.value, list):
         return [item.get("id") or item.get("task_id") for item in result.value if not item.get("duplicate")]
-    if isinstance(command, t.StartTask | t.CancelTask | t.ExpireLease):
+    if isinstance(command, t.ReportTasks):
+        return list(dict.fromkeys([ref.task_id for ref in command.started] + [report.task_id for report in command.finished]))
+    if isinstance(command, t.CancelTask | t.ExpireLease):
         return [command.task_id]
-    if isinstance(command, t.FinishTasks):
-        return [report.task_id for report in command.reports]
     if isinstance(command, t.RemoveWorker) and isinstance(result.value, dict):
         return list(result.value.get("requeued", []))
     return []
@@ -62,11 +62,11 @@ class Recorder:
                      transition.reason, _when(transition.at), index)
                 )
             self._recorded[task_id] = len(task.history)
-            if isinstance(command, t.FinishTasks):
+            if isinstance(command, t.ReportTasks):
                 self._observe_results(index, command, task)
 
-    def _observe_results(self, index: int, command: t.FinishTasks, task: t.Task) -> None:
-        for report in command.reports:
+    def _observe_results(self, index: int, command: t.ReportTasks, task: t.Task) -> None:
+        for report in command.finished:
             key = (report.task_id, report.lease_id)
             if report.task_id != task.id or key in self._results or report.lease_id not in task.reported:
                 continue

@@ -183,8 +183,9 @@ class WorkloadApi:
         self.scheduler.require_leader()
         if not self._registered(worker):
             return error_response(404, "unknown_worker", f"worker {worker!r} is not registered; register again")
+        reports = await self._report(request, body)
         leases = await self.scheduler.lease(worker, body.max, body.wait_s)
-        return json_response(200, {"leases": [msgspec.to_builtins(lease) for lease in leases]})
+        return json_response(200, {"leases": [msgspec.to_builtins(lease) for lease in leases], **reports})
 
     async def drain(self, request: Request, body: b.DrainBody, worker: str) -> Response:
         result = await self._apply(request, t.SetDraining(worker, body.draining))
@@ -199,18 +200,25 @@ class WorkloadApi:
         return json_response(200, result.value)
 
     async def start(self, request: Request, body: b.StartBody, lease_id: str) -> Response:
-        result = await self._apply(request, t.StartTask(body.task_id, lease_id))
-        if not result.ok:
-            return error_response(409, result.error, f"lease {lease_id} no longer holds task {body.task_id}")
-        return json_response(200, result.value)
+        answer = (await self._report(request, b.ResultsBody(started=[b.StartedBody(body.task_id, lease_id)])))["started"][0]
+        if not answer["accepted"]:
+            return error_response(409, answer["error"], f"lease {lease_id} no longer holds task {body.task_id}")
+        return json_response(200, answer)
 
     async def results(self, request: Request, body: b.ResultsBody) -> Response:
-        reports = [
+        return json_response(200, await self._report(request, body))
+
+    async def _report(self, request: Request, body: b.ResultsBody) -> dict[str, list]:
+        """Apply a worker's reports as one command; an answer for each start and each result."""
+        if not body.results and not body.started:
+            return {"started": [], "results": []}
+        finished = [
             t.Report(r.task_id, r.lease_id, t.Outcome(**{f: getattr(r, f) for f in t.Outcome.__struct_fields__}))
             for r in body.results
         ]
-        result = await self._apply(request, t.FinishTasks(reports))
-        return json_response(200, {"results": result.value})
+        started = [t.LeaseRef(s.task_id, s.lease_id) for s in body.started]
+        result = await self._apply(request, t.ReportTasks(started, finished))
+        return result.value
 
     async def _read(self, request: Request) -> None:
         if request.query.get("stale") != "ok":

@@ -240,13 +240,19 @@ class AssignTasks(msgspec.Struct, tag="task.assign", frozen=True):
     assignments: list[Assignment]
 
 
-class StartTask(msgspec.Struct, tag="task.start", frozen=True):
+class LeaseRef(msgspec.Struct, frozen=True, array_like=True):
     task_id: str
     lease_id: str
 
 
-class FinishTasks(msgspec.Struct, tag="task.finish", frozen=True):
-    reports: list[Report]
+class ReportTasks(msgspec.Struct, tag="task.report", frozen=True):
+    """What a worker says about its leases in one request: runs started, runs finished.
+
+    A worker runs a lease as soon as it gets it and reports the start later, often with
+    the result, so one entry carries both and a short task costs no request of its own."""
+
+    started: list[LeaseRef] = []
+    finished: list[Report] = []
 
 
 class CancelTask(msgspec.Struct, tag="task.cancel", frozen=True):
@@ -266,7 +272,7 @@ class ReturnLease(msgspec.Struct, tag="task.return", frozen=True):
 
 
 WorkloadCommand = (
-    RegisterWorker | SetDraining | RemoveWorker | SubmitTasks | AssignTasks | StartTask | FinishTasks | CancelTask
+    RegisterWorker | SetDraining | RemoveWorker | SubmitTasks | AssignTasks | ReportTasks | CancelTask
     | ExpireLease | ReturnLease
 )
 
@@ -370,20 +376,27 @@ class Workload(msgspec.Struct):
             granted.append({"lease_id": task.lease.id, "task_id": task.id, "attempt": task.attempt, "expires_at": task.lease.expires_at})
         return True, granted, ""
 
-    def _StartTask(self, c: StartTask, at: float, index: int, policy: BreakerPolicy) -> tuple[bool, object, str]:
-        task = self.tasks.get(c.task_id)
-        if task is None or task.lease is None or task.lease.id != c.lease_id or task.state not in ACTIVE:
-            return False, None, "stale_lease"
-        if task.state == LEASED:
+    def _started(self, task: Task, at: float) -> None:
+        if task.state == LEASED and task.lease is not None:
             self._move(task, RUNNING, at, "started", task.lease.worker)
-        return True, {"task_id": task.id, "state": task.state, "cancel_requested": task.cancel_requested}, ""
 
-    def _FinishTasks(self, c: FinishTasks, at: float, index: int, policy: BreakerPolicy) -> tuple[bool, object, str]:
-        answers = []
-        for report in c.reports:
+    def _ReportTasks(self, c: ReportTasks, at: float, index: int, policy: BreakerPolicy) -> tuple[bool, object, str]:
+        started = [self._start(ref, at) for ref in c.started]
+        finished = []
+        for report in c.finished:
             error = self._finish(report, at, policy)
-            answers.append({"task_id": report.task_id, "lease_id": report.lease_id, "accepted": not error, "error": error})
-        return True, answers, ""
+            finished.append({"task_id": report.task_id, "lease_id": report.lease_id, "accepted": not error, "error": error})
+        return True, {"started": started, "results": finished}, ""
+
+    def _start(self, ref: LeaseRef, at: float) -> dict:
+        task = self.tasks.get(ref.task_id)
+        answer = {"task_id": ref.task_id, "lease_id": ref.lease_id, "accepted": False, "error": "stale_lease", "cancel_requested": False}
+        if task is not None and task.lease is not None and task.lease.id == ref.lease_id and task.state in ACTIVE:
+            self._started(task, at)
+            answer.update(accepted=True, error="", cancel_requested=task.cancel_requested)
+        elif task is not None and ref.lease_id in task.reported:
+            answer.update(accepted=True, error="")  # its result came first: the start is implied
+        return answer
 
     def _finish(self, report: Report, at: float, policy: BreakerPolicy) -> str:
         task = self.tasks.get(report.task_id)
@@ -395,6 +408,7 @@ class Workload(msgspec.Struct):
         if lease is None or lease.id != report.lease_id or task.state not in ACTIVE:
             return "stale_lease"
         outcome = report.outcome
+        self._started(task, at)  # a result sent before its start report still shows the run
         task.reported.append(lease.id)
         worker = self.workers.get(lease.worker)
         if outcome.status == SUCCEEDED:

@@ -15,7 +15,7 @@ import os
 import duckdb
 
 FILENAME = "history.duckdb"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: one entry may move a task twice (started, then finished)
 
 SCHEMA = (
     """CREATE TABLE IF NOT EXISTS task_history (
@@ -27,7 +27,7 @@ SCHEMA = (
         reason VARCHAR,
         "at" TIMESTAMP NOT NULL,  -- AT is a keyword in DuckDB: quote it in queries
         raft_index BIGINT NOT NULL,
-        PRIMARY KEY (raft_index, task_id)
+        PRIMARY KEY (raft_index, task_id, to_state)
     )""",
     """CREATE TABLE IF NOT EXISTS task_results (
         task_id VARCHAR NOT NULL,
@@ -75,12 +75,23 @@ def open_history(data_dir: str, read_only: bool = False) -> duckdb.DuckDBPyConne
     conn = duckdb.connect(path)
     try:
         conn.execute("BEGIN")
+        conn.execute(SCHEMA[-1])
+        versions = [row[0] for row in conn.execute("SELECT version FROM schema_version").fetchall()]
+        migrating = bool(versions) and max(versions) < 2
+        if migrating:  # version 1 keyed task_history by (raft_index, task_id); DuckDB cannot change a key in place
+            conn.execute("DROP INDEX IF EXISTS task_history_task")
+            conn.execute("ALTER TABLE task_history RENAME TO task_history_v1")
         for statement in SCHEMA:
             conn.execute(statement)
-        if conn.execute("SELECT count(*) FROM schema_version").fetchone()[0] == 0:
+        if migrating:
+            conn.execute("INSERT INTO task_history SELECT * FROM task_history_v1")
+            conn.execute("DROP TABLE task_history_v1")
+        if max(versions, default=0) < SCHEMA_VERSION:
+            conn.execute("DELETE FROM schema_version")
             conn.execute("INSERT INTO schema_version VALUES (?)", [SCHEMA_VERSION])
         conn.execute("COMMIT")
     except BaseException:
         conn.close()
         raise
     return conn
+

@@ -1,14 +1,22 @@
 """The worker's loops: register, heartbeat, lease, run, report; drain on SIGTERM.
 
-One nursery holds everything: the heartbeat, lease, results and watchdog loops, each a
+One nursery holds everything: the heartbeat, lease, reports and watchdog loops, each a
 named task, and one task per running lease. Coordinator trouble never stops a running
 task: results wait in `pending` (and in a spool file in work_dir, so a restarted worker
 re-sends them) until a coordinator acknowledges or refuses them.
+
+A lease runs only once the coordinator has recorded its start: a lease whose start is
+not recorded may be taken back without counting the attempt, and running it anyway
+could run a task more than max_retries + 1 times. The leases of one answer are started
+with one request. A result rides on the next lease request, which the finished task
+triggers by freeing its slot; one the lease loop does not take within RESULT_HOLD_S
+goes on its own from the results loop.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import os
 import signal
 
@@ -26,6 +34,8 @@ log = logging.getLogger("dtf.worker.agent")
 
 BATCH_BYTES = 512 << 10  # results per request, below the coordinator's default 1 MiB body limit
 MIN_POLL_S = 1.0  # an empty lease answer sooner than this waits out the rest: no busy loop
+RESULT_HOLD_S = 0.05  # a result waits this long for a lease request to carry it
+CARRY_BYTES = 64 << 10  # results a lease request carries; bigger ones go on their own
 FLUSH_S = 10.0  # on shutdown, how long unacknowledged results may take to go out
 BACKOFF_MAX_S = 5.0
 REFUSED_REGISTRATION = frozenset({401, 403, 422})
@@ -96,6 +106,8 @@ class Agent:
         self.running: dict[str, TaskRun] = {}
         self.abandoned: set[str] = set()  # leases the coordinator does not hold: their results are not sent
         self.pending: dict[str, Result] = {}  # lease id -> result not yet answered
+        self.due: dict[str, float] = {}  # lease id -> when its result goes on its own, if no lease request took it
+        self.in_flight: set[str] = set()  # lease ids whose result a request carries now
         self.one_at_a_time = False  # after a batch was refused as bad input, until the backlog is gone
         self.registered = False
         self.draining = False
@@ -214,50 +226,81 @@ class Agent:
                     await self.changed.wait()
                     continue
                 started = trio.current_time()
+                results = self._take_results(CARRY_BYTES) if not self.one_at_a_time else []
+                body = {"max": free, "wait_s": wait_s, "results": results}
                 try:
                     answer = await self.client.call(
-                        "POST",
-                        f"{self.path}/lease",
-                        {"max": free, "wait_s": wait_s},
-                        deadline_s=wait_s + 2 * self.timeout_s,
-                        timeout_s=wait_s + self.timeout_s,
+                        "POST", f"{self.path}/lease", body, deadline_s=wait_s + 2 * self.timeout_s, timeout_s=wait_s + self.timeout_s
                     )
                 except (Unavailable, ApiError) as exc:
+                    if isinstance(exc, ApiError) and exc.status in BAD_INPUT and results:
+                        self.one_at_a_time = True  # the results loop finds the result it will not take
+                        continue
                     log.warning("lease request failed %s", fields(worker=self.cfg.id, error=exc))
                     await trio.sleep(backoff)
                     backoff = min(2 * backoff, BACKOFF_MAX_S)
                     continue
+                finally:
+                    self._untake(results)  # also when cancelled: the results loop sends them then
+                    self.changed.fire()
                 backoff = 0.5
-                leases = answer.get("leases") or []
-                for raw in leases:
-                    self._start(raw)
+                if results and self._acknowledged(answer):
+                    self._save_spool()
+                leases = [lease for lease in map(self._lease, answer.get("leases") or []) if lease is not None]
+                for run in await self._confirm_starts(leases):
+                    self._start(run)
                 if not leases:
                     await trio.sleep_until(started + MIN_POLL_S)
 
-    def _start(self, raw: object) -> None:
+    def _lease(self, raw: object) -> tuple[TaskRun, str] | None:
         try:
             lease = msgspec.convert(raw, Lease)
         except msgspec.ValidationError as exc:
             log.error("unusable lease ignored %s", fields(error=exc, lease=str(raw)[:200]))
-            return
+            return None
         if lease.lease_id in self.running:
-            return
+            return None
         try:
             spec = msgspec.convert(lease.spec, TaskSpec)
         except msgspec.ValidationError as exc:
             spec, problem = TaskSpec(argv=[]), f"unusable task spec: {exc}"
         else:
             problem = ""
-        run = TaskRun(lease.task_id, lease.lease_id, lease.attempt, spec, self.settings)
-        self.running[lease.lease_id] = run
+        return TaskRun(lease.task_id, lease.lease_id, lease.attempt, spec, self.settings), problem
+
+    async def _confirm_starts(self, leases: list[tuple[TaskRun, str]]) -> list[tuple[TaskRun, str]]:
+        """The leases whose start the coordinator recorded, with one request for all of them.
+
+        Not one if no coordinator answers: each lease is then taken back, its attempt not counted."""
+        if not leases:
+            return []
+        body = {"started": [{"task_id": run.task_id, "lease_id": run.lease_id} for run, _ in leases]}
+        try:
+            answer = await self.client.call("POST", "/v1/results", body, deadline_s=self.lost_after_s)
+        except (Unavailable, ApiError) as exc:
+            log.warning("could not report starts; not running the tasks (their leases will be taken back) %s", fields(count=len(leases), error=exc))
+            return []
+        verdicts = {str(item.get("lease_id")): item for item in answer.get("started") or ()}
+        confirmed = []
+        for run, problem in leases:
+            verdict = verdicts.get(run.lease_id, {"error": "no answer"})
+            if not verdict.get("accepted"):
+                log.warning("start refused; not running the task %s", run.context + " " + fields(error=verdict.get("error")))
+                continue
+            if verdict.get("cancel_requested"):
+                run.stop("cancelled", "cancelled by the coordinator")
+            confirmed.append((run, problem))
+        return confirmed
+
+    def _start(self, lease: tuple[TaskRun, str]) -> None:
+        run, problem = lease
+        self.running[run.lease_id] = run
         self._status()
         assert self._nursery is not None
-        self._nursery.start_soon(self._run_lease, run, problem, name=f"task {lease.task_id} lease {lease.lease_id}")
+        self._nursery.start_soon(self._run_lease, run, problem, name=f"task {run.task_id} lease {run.lease_id}")
 
     async def _run_lease(self, run: TaskRun, problem: str) -> None:
         try:
-            if not await self._report_start(run):
-                return
             if problem:
                 result = Result(task_id=run.task_id, lease_id=run.lease_id, status="error", reason=problem)
             else:
@@ -271,35 +314,21 @@ class Agent:
             log.info("result not sent: the coordinator does not hold the lease %s", run.context)
             return
         self.pending[run.lease_id] = result
+        self.due[run.lease_id] = trio.current_time() + RESULT_HOLD_S
         self._save_spool()
         self.changed.fire()
-
-    async def _report_start(self, run: TaskRun) -> bool:
-        """Tell the coordinator the task starts; False when it refuses, or when no coordinator
-        answers: a lease whose start is not recorded is taken back without counting the
-        attempt, so running it anyway could run a task more than max_retries + 1 times."""
-        try:
-            answer = await self.client.call("POST", f"/v1/leases/{run.lease_id}/start", {"task_id": run.task_id}, deadline_s=self.lost_after_s)
-        except ApiError as exc:
-            log.warning("start refused; not running the task %s", run.context + " " + fields(error=exc))
-            return False
-        except Unavailable as exc:
-            log.warning("could not report start; not running the task (its lease will be taken back) %s", run.context + " " + fields(error=exc))
-            return False
-        else:
-            if answer.get("cancel_requested"):
-                run.stop("cancelled", "cancelled by the coordinator")
-        return True
 
     # results
 
     async def _results_loop(self) -> None:
         backoff = 0.1
         while True:
-            if not self.pending:
-                await self.changed.wait()
+            due = min((at for lease_id, at in self.due.items() if lease_id not in self.in_flight), default=None)
+            if due is None or due > trio.current_time():
+                with trio.move_on_at(due if due is not None else math.inf):
+                    await self.changed.wait()
                 continue
-            batch = self._batch()
+            batch = self._take_results(BATCH_BYTES)
             try:
                 answer = await self.client.call("POST", "/v1/results", {"results": batch}, deadline_s=2 * self.timeout_s)
             except Unavailable as exc:
@@ -309,22 +338,39 @@ class Agent:
                 answered = self._refused(batch, exc)
             else:
                 answered = self._acknowledged(answer)
+            finally:
+                self._untake(batch)
             if answered:
                 backoff = 0.1
                 self._save_spool()
-                self.changed.fire()
             else:
-                await trio.sleep(backoff)
+                for item in batch:
+                    if item["lease_id"] in self.due:
+                        self.due[item["lease_id"]] = trio.current_time() + backoff
                 backoff = min(2 * backoff, BACKOFF_MAX_S)
+            self.changed.fire()
 
-    def _batch(self) -> list[dict]:
+    def _take_results(self, limit: int) -> list[dict]:
+        """Results no request carries now, up to `limit` bytes; in flight until `_untake`."""
+        batch = self._batch(limit)
+        self.in_flight.update(item["lease_id"] for item in batch)
+        return batch
+
+    def _untake(self, batch: list[dict]) -> None:
+        self.in_flight.difference_update(item["lease_id"] for item in batch)
+
+    def _batch(self, limit: int) -> list[dict]:
         self.one_at_a_time = self.one_at_a_time and len(self.pending) > 1
         batch, size = [], 0
         for result in self.pending.values():
+            if result.lease_id in self.in_flight:
+                continue
             item = msgspec.to_builtins(result)
             item_size = len(msgspec.json.encode(item))
-            if batch and (self.one_at_a_time or size + item_size > BATCH_BYTES):
+            if batch and (self.one_at_a_time or size + item_size > limit):
                 break
+            if item_size > limit and limit < BATCH_BYTES:
+                continue  # too big to ride on a lease request: the reports loop sends it
             batch.append(item)
             size += item_size
         return batch
@@ -335,6 +381,7 @@ class Agent:
             result = self.pending.pop(str(item.get("lease_id")), None)
             if result is None:
                 continue
+            self.due.pop(result.lease_id, None)
             answered += 1
             context = fields(task=result.task_id, lease=result.lease_id, status=result.status)
             if item.get("accepted"):
@@ -360,6 +407,7 @@ class Agent:
             log.warning("result too large; resending it shrunk %s", fields(task=result.task_id, lease=result.lease_id))
             return 1
         del self.pending[result.lease_id]
+        self.due.pop(result.lease_id, None)
         log.error("result refused; dropped %s", fields(task=result.task_id, lease=result.lease_id, error=exc))
         return 1
 
@@ -439,6 +487,7 @@ class Agent:
             log.error("spooled results unreadable; ignored %s", fields(path=self.spool, error=exc))
             return
         self.pending.update((r.lease_id, r) for r in results)
+        self.due.update((r.lease_id, 0.0) for r in results)
         log.info("spooled results to re-send %s", fields(count=len(results), path=self.spool))
 
     def _save_spool(self) -> None:

@@ -56,7 +56,6 @@ ROUTES = [
     ("POST", re.compile(r"/v1/workers/(?P<worker>[^/]+)/lease"), "lease"),
     ("POST", re.compile(r"/v1/workers/(?P<worker>[^/]+)/drain"), "drain"),
     ("DELETE", re.compile(r"/v1/workers/(?P<worker>[^/]+)"), "deregister"),
-    ("POST", re.compile(r"/v1/leases/(?P<lease>[^/]+)/start"), "start"),
     ("POST", re.compile(r"/v1/results"), "results"),
 ]
 
@@ -73,6 +72,7 @@ class FakeCoordinator:
         self.forgotten: set[str] = set()  # leases the heartbeat answers as unknown
         self.results: dict[str, dict] = {}  # task id -> the accepted result
         self.invalid: set[str] = set()  # tasks whose results are refused with 422, as malformed input is
+        self.refuse_starts = False  # answer every start as for a stale lease
         self.calls: list[Call] = []
         self.changed = Wakeup()
         self._ids = itertools.count(1)
@@ -117,7 +117,7 @@ class FakeCoordinator:
         return sum(1 for c in self.calls if c.route == route and (front is None or c.front == front))
 
     def result_posts(self, lease_id: str) -> int:
-        return sum(1 for c in self.calls if c.route == "results" for r in c.body["results"] if r["lease_id"] == lease_id)
+        return sum(1 for c in self.calls if c.route in ("results", "lease") for r in c.body.get("results", []) if r["lease_id"] == lease_id)
 
     # the contract
 
@@ -129,13 +129,15 @@ class FakeCoordinator:
         else:
             return http.error_response(404, "not_found", f"no route {request.method} {request.path}")
         body = json.loads(request.body) if request.body else {}
+        if name == "results" and not body.get("results"):
+            name = "start"  # reports of starts only: what a worker sends before it runs new leases
         self.calls.append(Call(front.name, request.method, name, request.path, body))
         self.changed.fire()
         if request.headers.get("authorization") != f"Bearer {TOKEN}":
             return http.error_response(401, "unauthorized", "bad token")
         if name in front.failing:
             return http.error_response(front.failing[name], "unavailable", "no leader", [("Retry-After", "0")])
-        return await getattr(self, f"_{name}")(body, **match.groupdict())
+        return await getattr(self, f"_{'results' if name == 'start' else name}")(body, **match.groupdict())
 
     async def _register(self, body: dict) -> http.Response:
         self.workers[body["id"]] = {**body, "draining": False, "registered": True}
@@ -150,6 +152,10 @@ class FakeCoordinator:
         return http.json_response(200, {"cancel": cancel, "unknown": unknown})
 
     async def _lease(self, body: dict, worker: str) -> http.Response:
+        refused = self._refused(body)
+        if refused is not None:
+            return refused
+        reports = self._report(body)
         with trio.move_on_after(min(float(body["wait_s"]), self.max_wait_s)):
             while not self._queued() or self.workers[worker]["draining"]:
                 await self.changed.wait()
@@ -159,23 +165,34 @@ class FakeCoordinator:
             task.lease_id = f"lease{next(self._ids)}"
             self.leases[task.lease_id] = task.id
             leases.append({"lease_id": task.lease_id, "task_id": task.id, "attempt": task.attempt, "spec": task.spec, "expires_at": 0})
-        return http.json_response(200, {"leases": leases})
+        return http.json_response(200, {"leases": leases, **reports})
 
     def _queued(self) -> list[Task]:
         return [t for t in self.tasks.values() if t.state == "queued"]
 
-    async def _start(self, body: dict, lease: str) -> http.Response:
-        if self.leases.get(lease) != body["task_id"]:
-            return http.error_response(409, "stale_lease", lease)
-        self.tasks[body["task_id"]].state = "running"
-        return http.json_response(200, {})
-
     async def _results(self, body: dict) -> http.Response:
-        for n, result in enumerate(body["results"]):
+        refused = self._refused(body)
+        return refused if refused is not None else http.json_response(200, self._report(body))
+
+    def _refused(self, body: dict) -> http.Response | None:
+        for n, result in enumerate(body.get("results", [])):
             if result["task_id"] in self.invalid:
                 return http.error_response(422, "invalid", f"results[{n}].status: invalid")
+        return None
+
+    def _report(self, body: dict) -> dict[str, list[dict]]:
+        """Starts and results, as the coordinator applies them: one answer for each."""
+        started = []
+        for start in body.get("started", []):
+            task_id, lease = start["task_id"], start["lease_id"]
+            held = self.leases.get(lease) == task_id and not self.refuse_starts
+            if held and self.tasks[task_id].state == "leased":
+                self.tasks[task_id].state = "running"
+            done = self.results.get(task_id, {}).get("lease_id") == lease
+            cancel = held and self.tasks[task_id].cancel_requested
+            started.append({"task_id": task_id, "lease_id": lease, "accepted": held or done, "error": "" if held or done else "stale_lease", "cancel_requested": cancel})
         answers = []
-        for result in body["results"]:
+        for result in body.get("results", []):
             task_id, lease = result["task_id"], result["lease_id"]
             if self.leases.get(lease) == task_id or self.results.get(task_id, {}).get("lease_id") == lease:
                 self.results[task_id] = result
@@ -185,7 +202,7 @@ class FakeCoordinator:
             else:
                 answers.append({"task_id": task_id, "lease_id": lease, "accepted": False, "error": "stale_lease"})
         self.changed.fire()
-        return http.json_response(200, {"results": answers})
+        return {"started": started, "results": answers}
 
     async def _drain(self, body: dict, worker: str) -> http.Response:
         self.workers[worker]["draining"] = bool(body["draining"])

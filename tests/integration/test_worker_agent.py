@@ -20,8 +20,9 @@ import trio
 from dtfd.devcluster import LocalCluster, write_configs
 from dtfd.server.notify import Notifier
 from dtfd.worker import config
-from dtfd.worker.agent import Agent
+from dtfd.worker.agent import BATCH_BYTES, CARRY_BYTES, Agent
 from dtfd.worker.client import Client
+from dtfd.worker.runner import Result
 from tests.integration.fake_coordinator import TOKEN, FakeCoordinator
 from tests.integration.test_workload import _until
 
@@ -75,33 +76,41 @@ async def test_registers_leases_runs_and_reports(tmp_path):
     for n, task_id in enumerate(ids):
         result = fake.results[task_id]
         assert (result["status"], result["exit_code"], result["output_tail"]) == ("succeeded", 0, f"task {n}\n")
-    assert fake.count("start") == 3
-    starts = [c for c in fake.calls if c.route == "start"]
-    assert {c.body["task_id"] for c in starts} == set(ids)
     lease_calls = [c for c in fake.calls if c.route == "lease"]
     assert all(1 <= c.body["max"] <= 2 for c in lease_calls)
     assert not registration["registered"]  # deregistered on stop
+    assert any(c.body.get("results") for c in lease_calls)  # results ride on the next lease request
 
 
-async def test_several_leases_at_once_and_batched_results(tmp_path):
+async def test_several_leases_at_once_started_with_one_request(tmp_path):
     fake = FakeCoordinator()
-
-    def batch_of_both() -> bool:
-        leases = sorted(t.lease_id for t in fake.tasks.values())
-        return any(sorted(r["lease_id"] for r in c.body["results"]) == leases for c in fake.calls if c.route == "results")
-
     async with trio.open_nursery() as nursery:
         front = await fake.listen(nursery)
-        front.failing["results"] = 503  # results pile up while both tasks finish
         ids = [fake.submit([PY, "-c", "pass"]) for _ in range(2)]
         async with running_agent(tmp_path, [front.url]):
-            await wait_for(batch_of_both, fake)
-            del front.failing["results"]
             await wait_for(lambda: all(i in fake.results for i in ids), fake)
         nursery.cancel_scope.cancel()
     first_lease = next(c for c in fake.calls if c.route == "lease")
     assert first_lease.body["max"] == 2
     assert fake.tasks[ids[0]].lease_id != fake.tasks[ids[1]].lease_id
+    starts = [c for c in fake.calls if c.route == "start"]
+    assert len(starts) == 1 and sorted(s["task_id"] for s in starts[0].body["started"]) == sorted(ids)
+
+
+async def test_results_not_in_flight_go_together_and_big_ones_do_not_ride_on_leases(tmp_path):
+    cfg = config.load(write_config(tmp_path, [DEAD_URL]))
+    async with Client(cfg.config.coordinator.urls, cfg.token) as client:
+        agent = Agent(cfg, client, Notifier())
+    for n in range(3):
+        agent.pending[f"L{n}"] = Result(task_id=f"t{n}", lease_id=f"L{n}", status="succeeded")
+    agent.pending["big"] = Result(task_id="tb", lease_id="big", status="failed", output_tail="x" * CARRY_BYTES)
+    agent.in_flight = {"L0"}
+    carried = agent._take_results(CARRY_BYTES)
+    assert [r["lease_id"] for r in carried] == ["L1", "L2"]
+    alone = agent._take_results(BATCH_BYTES)
+    assert [r["lease_id"] for r in alone] == ["big"]
+    agent._untake(carried + alone)
+    assert agent.in_flight == {"L0"}
 
 
 async def test_results_are_resent_after_503_and_fail_over_to_the_next_url(tmp_path):
@@ -183,7 +192,7 @@ async def test_unknown_lease_is_stopped_and_not_reported(tmp_path):
             await wait_for(lambda: not agent.running and not _descendants(), fake)
             assert not agent.pending
         nursery.cancel_scope.cancel()
-    assert fake.count("results") == 0
+    assert fake.result_posts(fake.tasks[task_id].lease_id) == 0
 
 
 async def test_stale_lease_refusal_is_accepted_without_retries(tmp_path):
@@ -210,30 +219,53 @@ async def test_a_batch_refused_as_invalid_goes_one_by_one_and_only_the_bad_resul
     fake = FakeCoordinator()
     async with trio.open_nursery() as nursery:
         front = await fake.listen(nursery)
-        front.failing["results"] = 503
-        good, bad = (fake.submit([PY, "-c", "pass"]) for _ in range(2))
+        marker = tmp_path / "go"
+        script = f"import os, time\nwhile not os.path.exists({str(marker)!r}): time.sleep(0.02)"
+        good, bad = (fake.submit([PY, "-c", script]) for _ in range(2))
         async with running_agent(tmp_path, [front.url]) as (agent, _):
-            await wait_for(lambda: any(len(c.body["results"]) == 2 for c in fake.calls if c.route == "results"), fake)
+            await wait_for(lambda: len(agent.running) == 2, fake)
+            front.failing.update(results=503, lease=503)  # results pile up while both tasks finish
+            marker.touch()
+            await wait_for(lambda: len(agent.pending) == 2, fake)
             fake.invalid.add(bad)
-            posts = fake.count("results")
-            del front.failing["results"]
+            front.failing.clear()
             await wait_for(lambda: not agent.pending, fake)
+            bad_lease = fake.tasks[bad].lease_id
+            refused = fake.result_posts(bad_lease)
+            heartbeats = fake.count("heartbeat")
+            await wait_for(lambda: fake.count("heartbeat") >= heartbeats + 3, fake)
+            assert fake.result_posts(bad_lease) == refused  # dropped once refused alone: never sent again
         nursery.cancel_scope.cancel()
     assert good in fake.results and bad not in fake.results
-    sizes = [len(c.body["results"]) for c in fake.calls if c.route == "results"][posts:]
-    assert sizes == [2, 1, 1]  # the pair refused, then one at a time; the bad one is not sent again
+    alone = [c for c in fake.calls if c.route == "results" and [r["task_id"] for r in c.body["results"]] == [bad]]
+    assert alone, "after the batch was refused, the bad result went on its own"
 
 
 async def test_start_refused_as_stale_means_the_task_does_not_run(tmp_path):
     fake = FakeCoordinator()
+    fake.refuse_starts = True
     async with trio.open_nursery() as nursery:
         front = await fake.listen(nursery)
-        front.failing["start"] = 409
         async with running_agent(tmp_path, [front.url]) as (agent, _):
             task_id = fake.submit([PY, "-c", f"open({str(tmp_path / 'ran')!r}, 'w')"])
-            await wait_for(lambda: fake.count("start") >= 1 and not agent.running, fake)
+            await wait_for(lambda: any(c.body.get("started") for c in fake.calls) and not agent.running, fake)
         nursery.cancel_scope.cancel()
-    assert not (tmp_path / "ran").exists() and task_id not in fake.results and fake.count("results") == 0
+    assert not (tmp_path / "ran").exists() and task_id not in fake.results
+    assert fake.result_posts(fake.tasks[task_id].lease_id) == 0
+
+
+async def test_a_start_no_coordinator_records_means_the_task_does_not_run(tmp_path):
+    """An unrecorded start lets the coordinator take the lease back without counting the attempt
+    (found by the chaos suite: a task ran max_retries + 2 times), so the task must not run."""
+    fake = FakeCoordinator(lost_after_s=1.0)
+    async with trio.open_nursery() as nursery:
+        front = await fake.listen(nursery)
+        front.failing["start"] = 503
+        async with running_agent(tmp_path, [front.url]) as (agent, _):
+            task_id = fake.submit([PY, "-c", f"open({str(tmp_path / 'ran')!r}, 'w')"])
+            await wait_for(lambda: fake.count("start") >= 2 and not agent.running, fake)
+        nursery.cancel_scope.cancel()
+    assert not (tmp_path / "ran").exists() and task_id not in fake.results
 
 
 async def test_a_start_no_coordinator_records_means_the_task_does_not_run(tmp_path):

@@ -369,6 +369,7 @@ def test_cancel_a_queued_task_at_once_and_a_running_one_by_killing_its_process_g
     worker = start_worker(cluster, "w1", slots=1)
     running, queued = (t["id"] for t in submit(cluster, [{"argv": ["sleep 300 & sleep 300; wait"], "shell": True}, {"argv": ["true"]}]))
     group = until(lambda: len(kids := psutil.Process(worker.pid).children(recursive=True)) == 3 and kids, what="sh and both sleeps running")
+    until(lambda: state_of(cluster, running) == "running", what="the worker reported the start")
     reply = call(cluster, "POST", f"/v1/tasks/{queued}/cancel")
     assert reply.json()["state"] == "cancelled" and [h["reason"] for h in task(cluster, queued)["history"]] == ["submitted", "cancelled while queued"]
     reply = call(cluster, "POST", f"/v1/tasks/{running}/cancel")

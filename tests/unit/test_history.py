@@ -67,3 +67,24 @@ def test_read_only_open_sees_the_data(tmp_path):
     conn = open_history(str(tmp_path), read_only=True)
     assert conn.execute("SELECT count(*) FROM junit_cases").fetchone() == (0,)
     conn.close()
+
+
+def test_one_entry_may_move_a_task_twice_and_a_version_1_file_is_migrated_with_its_rows(tmp_path):
+    at = dt.datetime(2025, 1, 2)
+    old = duckdb.connect(str(tmp_path / FILENAME))
+    old.execute(
+        "CREATE TABLE task_history (task_id VARCHAR NOT NULL, attempt INTEGER NOT NULL, worker VARCHAR, from_state VARCHAR,"
+        ' to_state VARCHAR NOT NULL, reason VARCHAR, "at" TIMESTAMP NOT NULL, raft_index BIGINT NOT NULL, PRIMARY KEY (raft_index, task_id))'
+    )
+    old.execute("CREATE TABLE schema_version (version INTEGER NOT NULL)")
+    old.execute("INSERT INTO schema_version VALUES (1)")
+    old.execute("INSERT INTO task_history VALUES ('t1', 1, 'w1', 'queued', 'leased', 'scheduled', ?, 5)", [at])
+    old.close()
+    conn = open_history(str(tmp_path))
+    insert = "INSERT OR IGNORE INTO task_history VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+    conn.execute(insert, ["t1", 1, "w1", "leased", "running", "started", at, 9])
+    conn.execute(insert, ["t1", 1, "w1", "running", "succeeded", "exit 0", at, 9])  # the same entry
+    states = conn.execute("SELECT to_state FROM task_history ORDER BY raft_index, to_state").fetchall()
+    assert states == [("leased",), ("running",), ("succeeded",)]
+    assert conn.execute("SELECT * FROM schema_version").fetchall() == [(SCHEMA_VERSION,)]
+    conn.close()

@@ -54,10 +54,13 @@ class Cluster:
             task_id = self.submit()
             self.finish(task_id, self.lease(task_id, worker), status="error", reason="argv[0] not found")
 
+    def start(self, task_id: str, lease_id: str) -> dict:
+        return self.apply(t.ReportTasks(started=[t.LeaseRef(task_id, lease_id)])).value["started"][0]
+
     def finish(self, task_id: str, lease_id: str, status: str = "succeeded", **outcome) -> dict:
         exit_code = 0 if status == "succeeded" else 1
         report = t.Report(task_id, lease_id, t.Outcome(status=status, exit_code=exit_code, **outcome))
-        return self.apply(t.FinishTasks([report])).value[0]
+        return self.apply(t.ReportTasks(finished=[report])).value["results"][0]
 
 
 def test_task_runs_through_its_states_and_every_transition_is_recorded():
@@ -66,7 +69,7 @@ def test_task_runs_through_its_states_and_every_transition_is_recorded():
     task_id = c.submit(name="unit")
     lease = c.lease(task_id)
     assert c.task(task_id).state == t.LEASED
-    assert c.apply(t.StartTask(task_id, lease)).ok
+    assert c.start(task_id, lease)["accepted"]
     assert c.finish(task_id, lease)["accepted"]
     task = c.task(task_id)
     assert task.state == t.SUCCEEDED and task.result.exit_code == 0
@@ -188,7 +191,7 @@ def test_cancel_queued_at_once_running_through_the_worker():
     queued, running = c.submit(), c.submit(max_retries=3)
     assert c.apply(t.CancelTask(queued)).value["state"] == t.CANCELLED
     lease = c.lease(running)
-    c.apply(t.StartTask(running, lease))
+    c.start(running, lease)
     assert c.apply(t.CancelTask(running)).value["cancel_requested"]
     c.finish(running, lease, status="failed", reason="killed")  # even a failure ends it cancelled, no retry
     assert c.task(running).state == t.CANCELLED
@@ -200,7 +203,7 @@ def test_expired_lease_times_a_running_attempt_out_and_requeues_one_never_starte
     c.register()
     running = c.submit()
     lease = c.lease(running)
-    c.apply(t.StartTask(running, lease))
+    c.start(running, lease)
     assert c.apply(t.ExpireLease(running, lease)).ok
     assert c.task(running).state == t.TIMED_OUT
     assert not c.apply(t.ExpireLease(running, lease)).ok
@@ -223,7 +226,7 @@ def test_a_lease_never_taken_up_returns_to_the_queue_without_counting_the_attemp
     assert c.apply(t.ReturnLease(task_id, lease)).ok
     assert (c.task(task_id).state, c.task(task_id).attempt) == (t.QUEUED, 0)
     again = c.lease(task_id)
-    c.apply(t.StartTask(task_id, again))
+    c.start(task_id, again)
     assert not c.apply(t.ReturnLease(task_id, again)).ok  # a started lease is not "not taken up"
     assert c.finish(task_id, again)["accepted"] and c.task(task_id).state == t.SUCCEEDED
 
@@ -235,7 +238,7 @@ def test_a_cancelled_probe_releases_the_breaker_for_the_next_one():
     c.now += t.BREAKER_COOLDOWN_S
     probe, nxt = c.submit(), c.submit()
     lease = c.lease(probe)
-    c.apply(t.StartTask(probe, lease))
+    c.start(probe, lease)
     c.apply(t.CancelTask(probe))
     c.finish(probe, lease, status="cancelled")
     assert c.workload.workers["w1"].breaker.state == "open" and c.lease(nxt) is not None  # the next probe goes
@@ -245,7 +248,11 @@ commands = st.one_of(
     st.builds(t.RegisterWorker, st.sampled_from(["w1", "w2"]), st.just({"os": "linux"}), st.just(2.0), st.just(1024), st.integers(1, 3)),
     st.builds(t.SubmitTasks, st.lists(st.builds(t.TaskSpec, argv=st.just(["x"]), max_retries=st.integers(0, 2)), min_size=1, max_size=3)),
     st.builds(t.AssignTasks, st.sampled_from(["w1", "w2"]), st.lists(st.builds(t.Assignment, st.sampled_from([f"t{i}.0" for i in range(1, 12)]), st.text("abc", min_size=1, max_size=3), st.just(99.0)), max_size=2)),
-    st.builds(t.FinishTasks, st.lists(st.builds(t.Report, st.sampled_from([f"t{i}.0" for i in range(1, 12)]), st.text("abc", min_size=1, max_size=3), st.builds(t.Outcome, status=st.sampled_from(get_args(t.Status)))), max_size=2)),
+    st.builds(
+        t.ReportTasks,
+        st.lists(st.builds(t.LeaseRef, st.sampled_from([f"t{i}.0" for i in range(1, 12)]), st.text("abc", min_size=1, max_size=3)), max_size=2),
+        st.lists(st.builds(t.Report, st.sampled_from([f"t{i}.0" for i in range(1, 12)]), st.text("abc", min_size=1, max_size=3), st.builds(t.Outcome, status=st.sampled_from(get_args(t.Status)))), max_size=2),
+    ),
     st.builds(t.RemoveWorker, st.sampled_from(["w1", "w2"]), st.booleans()),
     st.builds(t.CancelTask, st.sampled_from([f"t{i}.0" for i in range(1, 12)])),
     st.builds(t.ReturnLease, st.sampled_from([f"t{i}.0" for i in range(1, 12)]), st.text("abc", min_size=1, max_size=3)),
@@ -299,3 +306,27 @@ def test_the_open_index_holds_exactly_the_unfinished_tasks():
     c.finish(ids[2], lease, status="failed")  # retried: still open
     assert set(c.workload.open) == {ids[2], ids[3]}
     assert set(c.workload.open) == {task.id for task in c.workload.tasks.values() if task.state not in t.TERMINAL}
+
+
+def test_a_result_before_its_start_report_still_records_the_run_and_the_late_start_is_harmless():
+    c = Cluster()
+    c.register()
+    task_id = c.submit()
+    lease = c.lease(task_id)
+    assert c.finish(task_id, lease)["accepted"]
+    assert c.start(task_id, lease) == {"task_id": task_id, "lease_id": lease, "accepted": True, "error": "", "cancel_requested": False}
+    task = c.task(task_id)
+    assert task.state == t.SUCCEEDED
+    assert [(h.from_state, h.to_state) for h in task.history] == [("", "queued"), ("queued", "leased"), ("leased", "running"), ("running", "succeeded")]
+
+
+def test_starts_in_one_command_answer_each_lease_on_its_own():
+    c = Cluster()
+    c.register(slots=2)
+    first, second = c.submit(), c.submit()
+    lease_first, lease_second = c.lease(first), c.lease(second)
+    c.apply(t.CancelTask(second))
+    refs = [t.LeaseRef(first, lease_first), t.LeaseRef(second, lease_second), t.LeaseRef(first, "stale")]
+    answers = c.apply(t.ReportTasks(started=refs)).value["started"]
+    assert [(a["accepted"], a["error"], a["cancel_requested"]) for a in answers] == [(True, "", False), (True, "", True), (False, "stale_lease", False)]
+    assert c.task(first).state == c.task(second).state == t.RUNNING
