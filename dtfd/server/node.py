@@ -7,9 +7,10 @@ next Ready, which is what makes this group commit.
 
 A small Ready on a disk that has been fast is persisted on the event loop: a worker
 thread costs a hop and two GIL handoffs each way, more than a fast fsync itself, and
-that is most of a sequential write's latency. After any slow persist (a disk stall, a
-big batch, a snapshot) the next ones go to a worker thread, so the loop keeps serving
-the API and the peers while the disk catches up.
+that is most of a sequential write's latency. A Ready of many entries (concurrent
+clients) goes to a worker thread, so the loop reads the next requests meanwhile; so do
+the ones after any slow persist (a disk stall, a big batch, a snapshot), so the loop
+keeps serving the API and the peers while the disk catches up.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from dtfd.storage.interface import LogStorage, write_ready
 log = logging.getLogger("dtf.node")
 
 INLINE_PERSIST_S = 0.002  # every one of the last RECENT_PERSISTS took less: persist on the loop
+INLINE_PERSIST_ENTRIES = 4  # more means concurrent clients: a thread lets the loop read their next requests meanwhile
 INLINE_PERSIST_BYTES = 256 * 1024
 RECENT_PERSISTS = 8
 CHECKSUM_LOOP_SHARE = 0.1  # encoding the state for /v1/status takes at most this share of the event loop
@@ -251,6 +253,7 @@ class Node:
         return (
             rd.snapshot is None
             and max(self._recent_persists) < INLINE_PERSIST_S
+            and len(rd.entries) <= INLINE_PERSIST_ENTRIES
             and sum(len(e.data) for e in rd.entries) <= INLINE_PERSIST_BYTES
         )
 
