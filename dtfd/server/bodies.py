@@ -235,22 +235,13 @@ class TaskBrief(msgspec.Struct, kw_only=True):
     duration_s: float = 0.0
 
 
-class TransitionView(msgspec.Struct):
-    attempt: int
-    worker: str
-    from_state: str
-    to_state: str
-    reason: str
-    at: float
-
-
 class TaskAnswer(TaskBrief, kw_only=True):
     spec: t.TaskSpec
     cancel_requested: bool
     not_before: float
     lease: t.Lease | None
     result: t.Outcome | None
-    history: list[TransitionView]
+    history: list[t.TransitionFields]
 
 
 class TaskPage(msgspec.Struct):

@@ -156,13 +156,19 @@ class Lease(msgspec.Struct, frozen=True):
     expires_at: float
 
 
-class Transition(msgspec.Struct, frozen=True, array_like=True):
+class TransitionFields(msgspec.Struct, frozen=True):
+    """One step of a task's history; the API shows it as an object."""
+
     attempt: int
     worker: str
     from_state: str
     to_state: str
     reason: str
     at: float
+
+
+class Transition(TransitionFields, frozen=True, array_like=True):
+    """As stored in the replicated state: an array, the smaller encoding."""
 
 
 class Task(msgspec.Struct):
