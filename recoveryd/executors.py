@@ -162,6 +162,10 @@ class LocalExecutor:
             with trio.fail_after(10):
                 while self.pid(node):
                     await trio.sleep(0.02)
+        exit_file = self._file(node, "exit")
+        with trio.move_on_after(5):  # its waiter (maybe another process's) writes the exit status just after:
+            while not exit_file.exists():  # a start must not read that as the exit of what it started
+                await trio.sleep(0.01)
 
     async def restart(self, node: Node) -> None:
         await self.stop(node)

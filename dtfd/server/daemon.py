@@ -130,13 +130,17 @@ async def serve(cfg: config.NodeConfig, config_path: str) -> int:
                 nursery.start_soon(node.run)
                 nursery.start_soon(scheduler.run)
                 nursery.start_soon(recorder.run)
-                nursery.start_soon(http.serve, api.handle, api_listeners, limits)
+                server = http.Server(api.handle, limits)
+                nursery.start_soon(server.serve, api_listeners)
                 nursery.start_soon(_watchdog, node, notifier)
                 nursery.start_soon(_until_rejoined, node, str(cfg.data_dir))
                 notifier.ready()
                 notifier.status(_status_line(node))
                 log.info("dtfd started %s", fields(node=cfg.node.id, api=cfg.node.api, peer=cfg.node.peer, data_dir=cfg.data_dir))
                 await _until_stopped(node, api, notifier, config_path)
+                server.drain()  # every request taken is answered; new connections are refused
+                with trio.move_on_after(STOP_GRACE_S):
+                    await server.closed.wait()
                 nursery.cancel_scope.cancel()
         except* StorageFailed as group:
             failure = _first(group)

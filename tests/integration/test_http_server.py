@@ -82,3 +82,27 @@ async def test_slow_headers_get_408_and_idle_connections_close():
         assert reply.startswith(b"HTTP/1.1 408")
         assert await _raw(port, b"") == b""  # idle: closed without a response
         nursery.cancel_scope.cancel()
+
+
+async def test_drain_answers_the_request_it_took_closes_idle_connections_and_refuses_new_ones():
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    port = listeners[0].socket.getsockname()[1]
+    server = http.Server(_echo, http.Limits())
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(server.serve, listeners)
+        with trio.fail_after(10):
+            busy = await trio.open_tcp_stream("127.0.0.1", port)
+            idle = await trio.open_tcp_stream("127.0.0.1", port)
+            await busy.send_all(b"POST /v1/x HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhel")  # the body is not all there
+            while not (server.open == 2 and server.idle == 1):  # both served, one mid-request
+                await trio.sleep(0.005)
+            server.drain()
+            assert await idle.receive_some(1024) == b""  # an idle connection is closed at once
+            with pytest.raises(OSError):
+                await trio.open_tcp_stream("127.0.0.1", port)  # nothing new is accepted
+            await busy.send_all(b"lo")
+            reply = b""
+            while chunk := await busy.receive_some(65536):
+                reply += chunk
+            assert reply.startswith(b"HTTP/1.1 200 OK") and b"Connection: close" in reply and b'"body":"hello"' in reply
+            await server.closed.wait()

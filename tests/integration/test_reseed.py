@@ -48,7 +48,7 @@ def test_reseeded_follower_catches_up_through_a_snapshot_then_votes_again(tmp_pa
         leader_status = until(lambda: cluster.status(other), what="leader status")
         until(lambda: (s := cluster.status(follower)) and not s["rejoining"] and s["applied_index"] >= leader_status["applied_index"],
               what="caught up and voting again")
-        assert not (data_dir / "REJOIN").exists()
+        until(lambda: not (data_dir / "REJOIN").exists(), what="the REJOIN marker dropped once caught up")
         assert "snapshot installed" in (tmp_path / f"{follower}.log").read_text()
         with cluster.client(follower) as c:
             assert c.get("/v1/kv/k59", params={"stale": "ok"}).json()["value"] == "59"
