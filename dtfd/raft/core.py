@@ -401,7 +401,12 @@ class Raft:
             pr.probe_sent = False
             pr.free_one_if_full(self.config.max_inflight)  # appends may have been lost: let one more out
             if pr.state is ProgressState.SNAPSHOT:
-                self._send_snapshot_chunk(m.src, pr)
+                # Resend only a chunk unanswered for a whole heartbeat: resending on every one
+                # doubled a busy link's load with duplicates of a chunk still on its way.
+                if pr.chunk_unanswered:
+                    self._send_snapshot_chunk(m.src, pr)
+                else:
+                    pr.chunk_unanswered = True
             elif pr.match < self.log.last_index:
                 self._send_append(m.src)
             elif m.src == self.transferee:
@@ -470,6 +475,7 @@ class Raft:
         meta = snapshot.meta
         if pr.pending_snapshot != meta.index:
             pr.become_snapshot(meta.index)  # a newer snapshot replaced the one in flight
+        pr.chunk_unanswered = False
         offset = min(pr.snapshot_offset, meta.size)
         data = snapshot.data[offset : offset + self.config.snapshot_chunk]
         chunk = SnapshotChunk(meta, offset, data, offset + len(data) >= meta.size)

@@ -26,6 +26,7 @@ class Progress:
         "inflight",
         "pending_snapshot",
         "snapshot_offset",
+        "chunk_unanswered",
         "recent_active",
         "learner",
     )
@@ -38,6 +39,7 @@ class Progress:
         self.inflight: deque[int] = deque()
         self.pending_snapshot = 0
         self.snapshot_offset = 0
+        self.chunk_unanswered = False  # a snapshot chunk is out and no answer came since
         self.recent_active = False
         self.learner = learner
 
@@ -60,6 +62,7 @@ class Progress:
         self.state = ProgressState.SNAPSHOT
         self.pending_snapshot = index
         self.snapshot_offset = 0
+        self.chunk_unanswered = False
         self.inflight.clear()
 
     def maybe_update(self, index: int) -> bool:

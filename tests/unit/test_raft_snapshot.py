@@ -143,3 +143,17 @@ def test_restart_replays_committed_entries_after_the_snapshot():
     assert node.restored == [snap]
     assert [e.index for e in node.applied] == list(range(5, net.raft("n1").log.committed + 1))
     assert node.applied_data() == [b"%d" % i for i in range(3, 6)]
+
+
+def test_an_unanswered_chunk_is_resent_every_other_heartbeat_not_on_each():
+    """A chunk may still be on its way when a heartbeat answer comes back: resending it on every
+    one doubled a busy link's load. Unanswered for a whole heartbeat round, it goes again."""
+    net = Net(3, snapshot_chunk=16)
+    lagging_follower(net, "n1")
+    net.heal()
+    net.drop_if(lambda m: m.type == MT.SNAPSHOT_RESP and m.src == "n3")  # every chunk goes unanswered
+    net.tick(40)
+    chunks = net.messages(MT.SNAPSHOT, "n1", "n3")
+    answers = net.messages(MT.HEARTBEAT_RESP, "n3", "n1")
+    assert {c.snapshot.offset for c in chunks} == {0}
+    assert len(answers) >= 6 and 2 <= len(chunks) <= len(answers) // 2 + 1
