@@ -77,6 +77,8 @@ class Tls(Strict):
 
 
 class Log(Strict):
+    """[log], the same section in dtfd's, dtf-worker's and recoveryd's files."""
+
     level: str = "info"
 
 

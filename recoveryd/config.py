@@ -10,7 +10,7 @@ from pathlib import Path
 
 import msgspec
 
-from dtfd.config import ConfigError, Strict, parse_address, read_strict, read_token
+from dtfd.config import ConfigError, Log, Strict, parse_address, read_strict, read_token
 
 DEFAULT_PATH = "/etc/dtf/recoveryd.toml"
 MODES = ("systemd", "local")
@@ -66,10 +66,6 @@ class Policy(Strict):
 
 class Local(Strict):
     dtfd_config: str = "/etc/dtf/dtfd.toml"  # the cluster file the local nodes run with
-
-
-class Log(Strict):
-    level: str = "info"
 
 
 class Config(Strict):

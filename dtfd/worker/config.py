@@ -15,7 +15,7 @@ from urllib.parse import urlsplit
 import msgspec
 import psutil
 
-from dtfd.config import ConfigError, Strict, parse_address, read_strict, read_token
+from dtfd.config import ConfigError, Log, Strict, parse_address, read_strict, read_token
 
 DEFAULT_PATH = "/etc/dtf/worker.toml"
 
@@ -44,10 +44,6 @@ class Tasks(Strict):
     drain_timeout_s: float = 60.0  # on SIGTERM, how long running tasks may finish
     junit_max_bytes: int = 16 << 20
     spool: bool = True  # keep unacknowledged results in work_dir across restarts
-
-
-class Log(Strict):
-    level: str = "info"
 
 
 class Config(Strict):
