@@ -30,15 +30,22 @@ def _styled(value: str) -> Text:
     return Text(value, style=STATE_STYLE.get(value, ""))
 
 
+def _table(*columns: str, title: str = "", right: tuple[str, ...] = ()) -> Table:
+    """The one table style dtfctl prints; `right` columns hold numbers."""
+    table = Table(title=title or None, show_edge=False, header_style="bold")
+    for column in columns:
+        table.add_column(column, justify="right" if column in right else "left")
+    return table
+
+
 def status(view: dict) -> Group:
     verdict = Text(view["verdict"], style={"healthy": "bold green", "degraded": "bold yellow"}.get(view["verdict"], "bold red"))
     tasks = ", ".join(f"{n} {s}" for s, n in sorted(view["tasks"].items())) or "none"
     workers = ", ".join(f"{n} {s}" for s, n in sorted(view["workers"].items())) or "none"
     header = Text.assemble("Cluster: ", verdict, f"   leader {view['leader'] or '-'} (term {view['term'] or '-'})   quorum {view['quorum']}",
                            f"\nTasks: {tasks}   Workers: {workers}")
-    table = Table(show_edge=False, header_style="bold")
-    for column in ("Member", "Address", "Role", "State", "Term", "Commit", "Applied", "Lag", "Checksum", "Uptime"):
-        table.add_column(column, justify="right" if column in ("Term", "Commit", "Applied", "Lag") else "left")
+    table = _table("Member", "Address", "Role", "State", "Term", "Commit", "Applied", "Lag", "Checksum", "Uptime",
+                   right=("Term", "Commit", "Applied", "Lag"))
     for node in view["nodes"]:
         checksum = {True: "match", False: "DIVERGED", None: "-"}[node["checksum_ok"]]
         table.add_row(
@@ -53,9 +60,7 @@ def status(view: dict) -> Group:
 
 
 def tasks(items: list[dict]) -> Table:
-    table = Table(show_edge=False, header_style="bold")
-    for column in ("ID", "Name", "Run", "State", "Attempt", "Worker", "Exit", "Duration", "Updated"):
-        table.add_column(column)
+    table = _table("ID", "Name", "Run", "State", "Attempt", "Worker", "Exit", "Duration", "Updated")
     for t in items:
         table.add_row(t["id"], t["name"] or "-", t["run_id"] or "-", _styled(t["state"]), str(t["attempt"]), t["worker"] or "-",
                       str(t.get("exit_code", "-")), _duration(t.get("duration_s")), _when(t["updated_at"]))
@@ -67,9 +72,7 @@ def task(t: dict) -> Group:
     head = Text(f"{t['id']}  {t['name'] or ''}  run {t['run_id'] or '-'}  state ", style="bold")
     head.append_text(_styled(t["state"]))
     lines: list = [head, Text(f"argv: {' '.join(spec['argv'])}   timeout {spec['timeout_s']}s   retries {spec['max_retries']}")]
-    history = Table(title="History", show_edge=False, header_style="bold")
-    for column in ("Attempt", "Worker", "From", "To", "Reason", "At"):
-        history.add_column(column)
+    history = _table("Attempt", "Worker", "From", "To", "Reason", "At", title="History")
     for h in t["history"]:
         history.add_row(str(h["attempt"]), h["worker"] or "-", h["from_state"] or "-", _styled(h["to_state"]), h["reason"], _when(h["at"]))
     lines.append(history)
@@ -83,9 +86,7 @@ def task(t: dict) -> Group:
 
 
 def runs(items: list[dict]) -> Table:
-    table = Table(show_edge=False, header_style="bold")
-    for column in ("Run", "Tasks", "Passed", "Failed", "Other", "Done", "Submitted"):
-        table.add_column(column)
+    table = _table("Run", "Tasks", "Passed", "Failed", "Other", "Done", "Submitted")
     for r in items:
         passed = r["states"].get("succeeded", 0)
         failed = sum(n for s, n in r["states"].items() if s in FAILED)
@@ -100,18 +101,14 @@ def run(summary: dict) -> Group:
     style = "bold green" if passed == summary["total"] else "bold red"
     parts: list = [Text(f"Run {summary['run_id']}: {passed}/{summary['total']} passed ({states})", style=style)]
     if summary["failures"]:
-        failures = Table(title="Failures", show_edge=False, header_style="bold")
-        for column in ("Task", "Name", "State", "Reason"):
-            failures.add_column(column)
+        failures = _table("Task", "Name", "State", "Reason", title="Failures")
         for f in summary["failures"]:
             failures.add_row(f["id"], f["name"] or "-", _styled(f["state"]), f["reason"])
         parts.append(failures)
     junit = summary["junit"]
     if junit["cases"]:
         parts.append(Text(f"JUnit: {junit['cases']} test cases, {junit['failed']} failed"))
-        slow = Table(title="Slowest tests", show_edge=False, header_style="bold")
-        for column in ("Test", "Class", "Duration", "Task"):
-            slow.add_column(column)
+        slow = _table("Test", "Class", "Duration", "Task", title="Slowest tests")
         for case in junit["slowest"]:
             slow.add_row(case["name"], case["classname"], _duration(case["duration_s"]), case["task"])
         parts.append(slow)
@@ -119,9 +116,7 @@ def run(summary: dict) -> Group:
 
 
 def workers(items: list[dict]) -> Table:
-    table = Table(show_edge=False, header_style="bold")
-    for column in ("Worker", "State", "Slots", "CPUs", "Memory", "Labels", "Breaker"):
-        table.add_column(column)
+    table = _table("Worker", "State", "Slots", "CPUs", "Memory", "Labels", "Breaker")
     for w in items:
         labels = ", ".join(f"{k}={v}" for k, v in sorted(w["labels"].items())) or "-"
         breaker = w["breaker"]["state"] + (f" ({w['breaker']['failures']} failures)" if w["breaker"]["failures"] else "")
@@ -131,14 +126,10 @@ def workers(items: list[dict]) -> Table:
 
 
 def history(data: dict) -> Group:
-    table = Table(title="Leader changes", show_edge=False, header_style="bold")
-    for column in ("At", "Term", "Leader"):
-        table.add_column(column)
+    table = _table("At", "Term", "Leader", title="Leader changes")
     for change in data["leaders"]:
         table.add_row(_when(change["at"]), str(change["term"]), change["node"])
-    recoveries = Table(title="Recovery actions (recoveryd)", show_edge=False, header_style="bold")
-    for column in ("At", "Node", "Failure", "Action", "Result", "Took", "Reason"):
-        recoveries.add_column(column)
+    recoveries = _table("At", "Node", "Failure", "Action", "Result", "Took", "Reason", title="Recovery actions (recoveryd)")
     for event in data.get("recoveries", []):
         result = Text(event["result"], style="green" if event["result"] in ("ok", "reported") else "red")
         recoveries.add_row(_when(event["started"]), event["node"], event["failure"], event["action"], result,
