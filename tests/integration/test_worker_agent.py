@@ -39,6 +39,11 @@ async def wait_for(predicate: Callable[[], object], fake: FakeCoordinator, timeo
                 await fake.changed.wait()
 
 
+def waits_for(marker: Path, then: str = "") -> str:
+    """A task script that runs until `marker` exists: the test decides when the task ends."""
+    return f"import os, time\nwhile not os.path.exists({str(marker)!r}): time.sleep(0.02)\n{then}"
+
+
 def write_config(tmp_path: Path, urls: list[str], **tasks: object) -> Path:
     path = tmp_path / "worker.toml"
     document = {
@@ -133,7 +138,7 @@ async def test_running_task_survives_coordinator_outage_and_result_is_delivered(
         first, second = await fake.listen(nursery), await fake.listen(nursery)
         second.failing.update(results=503, heartbeat=503)  # second is no help at first
         marker = tmp_path / "go"
-        script = f"import os, time\nwhile not os.path.exists({str(marker)!r}): time.sleep(0.02)\nprint('finished')"
+        script = waits_for(marker, then="print('finished')")
         async with running_agent(tmp_path, [DEAD_URL, first.url, second.url]):
             task_id = fake.submit([PY, "-c", script])
             await wait_for(lambda: fake.tasks[task_id].state == "running", fake)
@@ -200,7 +205,7 @@ async def test_stale_lease_refusal_is_accepted_without_retries(tmp_path):
     async with trio.open_nursery() as nursery:
         front = await fake.listen(nursery)
         marker = tmp_path / "go"
-        script = f"import os, time\nwhile not os.path.exists({str(marker)!r}): time.sleep(0.02)"
+        script = waits_for(marker)
         async with running_agent(tmp_path, [front.url]) as (agent, _):
             task_id = fake.submit([PY, "-c", script])
             await wait_for(lambda: fake.tasks[task_id].state == "running", fake)
@@ -220,7 +225,7 @@ async def test_a_batch_refused_as_invalid_goes_one_by_one_and_only_the_bad_resul
     async with trio.open_nursery() as nursery:
         front = await fake.listen(nursery)
         marker = tmp_path / "go"
-        script = f"import os, time\nwhile not os.path.exists({str(marker)!r}): time.sleep(0.02)"
+        script = waits_for(marker)
         good, bad = (fake.submit([PY, "-c", script]) for _ in range(2))
         async with running_agent(tmp_path, [front.url]) as (agent, _):
             await wait_for(lambda: len(agent.running) == 2, fake)
@@ -393,7 +398,7 @@ def test_against_a_real_cluster_with_a_leader_kill(tmp_path):
             {"argv": [PY, "-c", "print('pass')"], "name": "pass"},
             {"argv": [PY, "-c", "raise SystemExit(3)"], "name": "fail"},
             {"argv": [PY, "-c", f"open('r.xml', 'w').write({report!r})"], "junit": "r.xml", "name": "junit"},
-            {"argv": [PY, "-c", f"import os, time\nwhile not os.path.exists({str(marker)!r}): time.sleep(0.05)\nprint('survived')"]},
+            {"argv": [PY, "-c", waits_for(marker, then="print('survived')")]},
         ]
         ids = [t["id"] for t in call("POST", "/v1/tasks", {"tasks": specs})["tasks"]]
         done = ("succeeded", "failed", "timed_out", "cancelled")
