@@ -5,8 +5,8 @@ measured here, hypercorn on trio serves ~1,700 requests/s and a trio loop parsin
 llhttp ~48,000. What a general server would add, we add here: limits on header and
 body size, deadlines for each phase of a request, keep-alive, requests on one
 connection answered in order, and a graceful stop: once the owner calls `Server.drain`,
-no connection is accepted, idle ones close, and busy ones close after their answer, so
-a request the server took is always answered.
+no connection is accepted, connections idle between requests close, and the others
+close after their answer, so a request the server took is always answered.
 """
 
 from __future__ import annotations
@@ -167,11 +167,12 @@ class Server:
 
     @property
     def idle(self) -> int:
-        """Open connections waiting for a request."""
+        """Open connections waiting between two requests."""
         return len(self._idle)
 
     def drain(self) -> None:
-        """Stop accepting; close idle connections now and busy ones after their answer."""
+        """Stop accepting; close connections idle between requests now, and the others after
+        their answer (a connection accepted but not yet heard from is sending its first request)."""
         self.draining = True
         self._accepting.cancel()
         for scope in self._idle:
@@ -193,19 +194,21 @@ class Server:
 
 async def serve_connection(stream: trio.abc.Stream, handler: Handler, limits: Limits, peer: str = "", server: Server | None = None) -> None:
     state = _Parser(limits)
+    answered = 0
     async with stream:
         while True:
             if not state.started:
-                if server is not None and server.draining:
+                # Between requests a connection may close while draining; a new one has a request on the way.
+                if server is not None and server.draining and answered:
                     return
-                timeout = limits.idle_timeout_s
+                timeout = limits.header_timeout_s if server is not None and server.draining else limits.idle_timeout_s
             elif not state.headers_complete:
                 timeout = limits.header_timeout_s
             else:
                 timeout = limits.body_timeout_s
             data = b""
             with trio.move_on_after(timeout) as scope:
-                idle = scope if server is not None and not state.started else None
+                idle = scope if server is not None and not state.started and answered else None
                 if idle is not None:
                     server._idle.add(idle)
                 try:
@@ -215,7 +218,7 @@ async def serve_connection(stream: trio.abc.Stream, handler: Handler, limits: Li
                 finally:
                     if idle is not None:
                         server._idle.discard(idle)
-            if server is not None and server.draining and not state.started and not data:
+            if server is not None and server.draining and not state.started and not data and answered:
                 return
             if scope.cancelled_caught:
                 if state.started:
@@ -242,6 +245,7 @@ async def serve_connection(stream: trio.abc.Stream, handler: Handler, limits: Li
                 request.peer = peer
                 response = await _handle(handler, request)
                 keep_alive = keep_alive and not (server is not None and server.draining)
+                answered += 1
                 if not await _send(stream, _encode(response, keep_alive)) or not keep_alive:
                     return
 

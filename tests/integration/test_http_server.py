@@ -84,25 +84,36 @@ async def test_slow_headers_get_408_and_idle_connections_close():
         nursery.cancel_scope.cancel()
 
 
-async def test_drain_answers_the_request_it_took_closes_idle_connections_and_refuses_new_ones():
+async def test_drain_answers_every_request_taken_closes_idle_connections_and_refuses_new_ones():
     listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
     port = listeners[0].socket.getsockname()[1]
     server = http.Server(_echo, http.Limits())
+
+    async def answer(stream: trio.SocketStream) -> bytes:
+        reply = b""
+        while chunk := await stream.receive_some(65536):
+            reply += chunk
+        return reply
+
     async with trio.open_nursery() as nursery:
         nursery.start_soon(server.serve, listeners)
         with trio.fail_after(10):
-            busy = await trio.open_tcp_stream("127.0.0.1", port)
             idle = await trio.open_tcp_stream("127.0.0.1", port)
+            await idle.send_all(b"GET /first HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert (await idle.receive_some(65536)).startswith(b"HTTP/1.1 200 OK")  # kept alive, now between requests
+            busy = await trio.open_tcp_stream("127.0.0.1", port)
             await busy.send_all(b"POST /v1/x HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhel")  # the body is not all there
-            while not (server.open == 2 and server.idle == 1):  # both served, one mid-request
+            fresh = await trio.open_tcp_stream("127.0.0.1", port)  # its request is still on the way
+            while not (server.open == 3 and server.idle == 1):
                 await trio.sleep(0.005)
             server.drain()
-            assert await idle.receive_some(1024) == b""  # an idle connection is closed at once
+            assert await idle.receive_some(1024) == b""  # closed at once: no request was coming on it
             with pytest.raises(OSError):
                 await trio.open_tcp_stream("127.0.0.1", port)  # nothing new is accepted
             await busy.send_all(b"lo")
-            reply = b""
-            while chunk := await busy.receive_some(65536):
-                reply += chunk
+            reply = await answer(busy)
             assert reply.startswith(b"HTTP/1.1 200 OK") and b"Connection: close" in reply and b'"body":"hello"' in reply
+            await fresh.send_all(b"GET /late HTTP/1.1\r\nHost: x\r\n\r\n")
+            reply = await answer(fresh)
+            assert reply.startswith(b"HTTP/1.1 200 OK") and b"Connection: close" in reply and b'"path":"/late"' in reply
             await server.closed.wait()
