@@ -20,7 +20,7 @@ NODE_KEYS = {"name", "url", "state", "role", "term", "commit_index", "applied_in
 
 def dtfctl(cluster: LocalCluster, *args: str, token: str | None = None, timeout: float = 60) -> subprocess.CompletedProcess:
     urls = ",".join(f"http://{a}" for a in cluster.files.api.values())
-    command = [sys.executable, "-m", "dtfd.ctl", "--cluster", urls, "--token", token or cluster.files.admin_token, *args]
+    command = [sys.executable, "-m", "dtfd.ctl", "--cluster", urls, f"--token={token or cluster.files.admin_token}", *args]  # a token may start with "-"
     return subprocess.run(command, capture_output=True, text=True, timeout=timeout, env={"COLUMNS": "160", "PATH": "/usr/bin:/bin"})
 
 

@@ -76,7 +76,7 @@ def cluster_with_workers(tmp_path):
 
 def _ctl(cluster: LocalCluster, *args: str) -> list[str]:
     urls = ",".join(f"http://{a}" for a in cluster.files.api.values())
-    return [sys.executable, "-m", "dtfd.ctl", "--cluster", urls, "--token", cluster.files.admin_token, *args]
+    return [sys.executable, "-m", "dtfd.ctl", "--cluster", urls, f"--token={cluster.files.admin_token}", *args]
 
 
 def test_submit_wait_exit_code_says_whether_every_task_passed(cluster_with_workers):
