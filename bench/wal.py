@@ -94,6 +94,8 @@ def main() -> None:
     parser.add_argument("--dir", default=None, help="where to write (default: the system temp dir)")
     args = parser.parse_args()
     seconds = 0.2 if args.quick else 1.5
+    if args.dir:
+        os.makedirs(args.dir, exist_ok=True)
     directory = tempfile.mkdtemp(prefix="dtf-bench-", dir=args.dir)
     try:
         rate, latency = raw_fsync_rate(directory, seconds)

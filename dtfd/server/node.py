@@ -5,12 +5,11 @@ its Readys: persist (one fsync per Ready), then send, then apply and answer the 
 waiting on those indexes. Proposals that arrive while an fsync is in flight land in the
 next Ready, which is what makes this group commit.
 
-A small Ready on a disk that has been fast is persisted on the event loop: a worker
-thread costs a hop and two GIL handoffs each way, more than a fast fsync itself, and
-that is most of a sequential write's latency. A Ready of many entries (concurrent
-clients) goes to a worker thread, so the loop reads the next requests meanwhile; so do
-the ones after any slow persist (a disk stall, a big batch, a snapshot), so the loop
-keeps serving the API and the peers while the disk catches up.
+A Ready is persisted on the loop or in a worker thread as `PersistPlacement` decides:
+on the loop while small and the disk fast (the thread hop is most of a sequential
+write's latency), in a thread for many entries and after any slow persist, so the loop
+keeps serving the API and the peers while the disk catches up. A snapshot always goes
+to a thread.
 """
 
 from __future__ import annotations
@@ -29,14 +28,11 @@ from dtfd.journal import fields
 from dtfd.raft import Config as RaftConfig
 from dtfd.raft import EntryKind, Message, NotLeader, Proposed, Raft, Ready, Refused, Role
 from dtfd.state.machine import Envelope, Result, StateMachine, encode_envelope
+from dtfd.storage.groupcommit import PersistPlacement
 from dtfd.storage.interface import LogStorage, write_ready
 
 log = logging.getLogger("dtf.node")
 
-INLINE_PERSIST_S = 0.002  # every one of the last RECENT_PERSISTS took less: persist on the loop
-INLINE_PERSIST_ENTRIES = 4  # more means concurrent clients: a thread lets the loop read their next requests meanwhile
-INLINE_PERSIST_BYTES = 256 * 1024
-RECENT_PERSISTS = 8
 CHECKSUM_LOOP_SHARE = 0.1  # encoding the state for /v1/status takes at most this share of the event loop
 CHECKPOINTS_KEPT = 4  # recent (index, checksum) pairs in /v1/status, so nodes at different indexes still share one
 
@@ -93,7 +89,7 @@ class Node:
         if persisted.snapshot:
             self.machine.restore(persisted.snapshot.data)
         self._wake = trio.Event()
-        self._recent_persists: deque[float] = deque([0.0], maxlen=RECENT_PERSISTS)
+        self.placement = PersistPlacement()
         self._applied_event = trio.Event()
         self._proposals: dict[int, _Proposal] = {}
         self._reads: dict[bytes, _Read] = {}
@@ -237,7 +233,7 @@ class Node:
                 rd = self.core.ready()
                 self._send(rd.messages[: rd.early])  # a leader replicates while it writes its own log
                 if rd.must_sync:
-                    if self._persist_inline(rd):
+                    if rd.snapshot is None and self.placement.inline(rd.entries):
                         self._persist(rd)
                     else:
                         await trio.to_thread.run_sync(self._persist, rd)
@@ -249,14 +245,6 @@ class Node:
             if self._compactions:
                 await self._maybe_compact(asked=True)
 
-    def _persist_inline(self, rd: Ready) -> bool:
-        return (
-            rd.snapshot is None
-            and max(self._recent_persists) < INLINE_PERSIST_S
-            and len(rd.entries) <= INLINE_PERSIST_ENTRIES
-            and sum(len(e.data) for e in rd.entries) <= INLINE_PERSIST_BYTES
-        )
-
     def _persist(self, rd: Ready) -> None:
         started = time.monotonic()
         write_ready(self.storage, rd)
@@ -264,7 +252,7 @@ class Node:
         self.storage.sync()
         finished = time.monotonic()
         self._observe_sync(finished - synced)
-        self._recent_persists.append(finished - started)
+        self.placement.record(finished - started)
 
     def _apply(self, rd: Ready) -> None:
         if rd.snapshot:

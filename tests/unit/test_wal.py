@@ -6,6 +6,8 @@ import errno
 import logging
 import os
 import random
+import threading
+import time
 
 import pytest
 import trio
@@ -14,8 +16,9 @@ import trio.testing
 from dtfd.raft.messages import Entry, EntryKind, HardState
 from dtfd.storage import wal as walmod
 from dtfd.storage.datadir import DiskStorage
-from dtfd.storage.groupcommit import GroupCommit, GroupCommitClosed
+from dtfd.storage.groupcommit import GroupCommit, GroupCommitClosed, PersistPlacement
 from dtfd.storage.interface import StorageCorrupt, StorageFailed
+from dtfd.storage.memory import MemoryStorage
 from dtfd.storage.wal import RECORD_HEADER_SIZE, SEGMENT_HEADER_SIZE, Wal, encode_records, scan
 
 SMALL = 512  # segment size that makes a few dozen entries span several segments
@@ -382,6 +385,38 @@ async def test_group_commit_shares_fsyncs_among_concurrent_proposers(tmp_path):
 async def test_group_commit_off_costs_one_fsync_per_append(tmp_path):
     fsyncs, flushes = await _propose_concurrently(tmp_path, 8, enabled=False)
     assert fsyncs == flushes == 32
+
+
+class RecordingDisk(MemoryStorage):
+    """Memory storage noting on which thread each sync ran; a sync sleeps while `slow`."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.slow = False
+        self.on_loop: list[bool] = []
+
+    def sync(self) -> None:
+        self.on_loop.append(threading.current_thread() is threading.main_thread())
+        if self.slow:
+            time.sleep(0.1)
+        super().sync()
+
+
+async def test_group_commit_syncs_small_appends_on_the_loop_until_the_disk_is_slow():
+    disk = RecordingDisk()
+    commit = GroupCommit(disk, placement=PersistPlacement(fast_s=0.05))
+    async with trio.open_nursery() as nursery:
+        await nursery.start(commit.run)
+        await commit.append([Entry(1, 1)])
+        assert disk.on_loop == [True], "a small append on a fast disk skips the thread hop"
+        await commit.append([Entry(1, i) for i in range(2, 8)])
+        assert disk.on_loop == [True, False], "a big batch goes to a thread"
+        disk.slow = True
+        await commit.append([Entry(1, 8)])
+        disk.slow = False
+        await commit.append([Entry(1, 9)])
+        assert disk.on_loop[-1] is False, "after a slow sync, even a small append goes to a thread"
+        nursery.cancel_scope.cancel()
 
 
 async def test_group_commit_reports_write_errors_to_every_waiter(tmp_path):
