@@ -103,12 +103,11 @@ async def serve(cfg: config.NodeConfig, config_path: str) -> int:
         api_listeners: list = await _listen(cfg.node.api, "cluster.nodes.api")
         if server_ssl is not None:
             api_listeners = [trio.SSLListener(listener, server_ssl, https_compatible=True) for listener in api_listeners]
-        send, inbox = trio.open_memory_channel[Message](10_000)
         peers = {p.id: config.parse_address(p.peer, "cluster.nodes.peer") for p in cfg.peers}
-        transport = Transport(cfg.node.id, peers, secret, send, server_ssl=server_ssl, client_ssl=client_ssl)
+        faults = Faults.from_env(cfg.node.id)  # test-only, None unless DTF_NODE_FAULTS is set
+        transport = Transport(cfg.node.id, peers, secret, lambda m: _deliver(node, faults, m), server_ssl=server_ssl, client_ssl=client_ssl)
         timing = Timing(cfg.config.raft.tick_ms / 1000, cfg.config.raft.snapshot_every_entries, cfg.config.raft.checksum_every_entries)
         metrics = Metrics()
-        faults = Faults.from_env(cfg.node.id)  # test-only, None unless DTF_NODE_FAULTS is set
         send = faults.sender(transport.send) if faults else transport.send
         node = Node(raft_config(cfg, rejoin_term(str(cfg.data_dir))), storage, timing, send, metrics.fsync_seconds.observe)
         metrics.watch(node, transport)
@@ -124,7 +123,6 @@ async def serve(cfg: config.NodeConfig, config_path: str) -> int:
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(transport.run, peer_listeners)
-                nursery.start_soon(_deliver, inbox, node, faults)
                 if faults:
                     nursery.start_soon(faults.run, node)
                 nursery.start_soon(node.run)
@@ -175,10 +173,9 @@ def _close(storage: LogStorage) -> StorageFailed | None:
     return None
 
 
-async def _deliver(inbox: trio.MemoryReceiveChannel[Message], node: Node, faults: Faults | None = None) -> None:
-    async for message in inbox:
-        if faults is None or not faults.drops(message):
-            node.step(message)
+def _deliver(node: Node, faults: Faults | None, message: Message) -> None:
+    if faults is None or not faults.drops(message):
+        node.step(message)
 
 
 async def _until_rejoined(node: Node, data_dir: str) -> None:

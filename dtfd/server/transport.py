@@ -8,6 +8,8 @@ is refused. Frames are `u32 length | msgpack list of Messages | 16-byte MAC`.
 
 Sending never blocks the driver: each peer has a bounded queue drained by its own
 task, and while a peer is unreachable its messages are dropped (Raft resends).
+Received messages go straight to `deliver` from the connection's task: a hop through a
+channel and another task would add a scheduler pass to every replication round trip.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import random
 import ssl
 import struct
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import msgspec
@@ -74,13 +76,25 @@ class _Framed:
     def __init__(self, stream: trio.abc.Stream) -> None:
         self.stream = stream
         self._buffer = bytearray()
-        self.key = b""
+        self._keyed: hmac.HMAC | None = None  # keyed once; each frame's MAC starts from a copy
         self._sent = 0
         self._received = 0
 
+    def authenticate(self, key: bytes) -> None:
+        """Every frame from now on carries, and must carry, a MAC under the session key."""
+        self._keyed = hmac.new(key, digestmod=hashlib.sha256)
+
+    def _frame_mac(self, seq: int, payload: bytes) -> bytes:
+        """HMAC-SHA256(key, seq | 0 | payload), as `_mac` computes it, without deriving the pads per frame."""
+        assert self._keyed is not None
+        mac = self._keyed.copy()
+        mac.update(seq.to_bytes(8, "big") + b"\0")
+        mac.update(payload)
+        return mac.digest()[:MAC_BYTES]
+
     async def send(self, payload: bytes) -> None:
-        if self.key:
-            payload += _mac(self.key, self._sent.to_bytes(8, "big"), payload)[:MAC_BYTES]
+        if self._keyed is not None:
+            payload += self._frame_mac(self._sent, payload)
             self._sent += 1
         await self.stream.send_all(_length.pack(len(payload)) + payload)
 
@@ -103,10 +117,10 @@ class _Framed:
             self._buffer += data
 
     def _open(self, frame: bytes) -> bytes:
-        if not self.key:
+        if self._keyed is None:
             return frame
         payload, tag = frame[:-MAC_BYTES], frame[-MAC_BYTES:]
-        expected = _mac(self.key, self._received.to_bytes(8, "big"), payload)[:MAC_BYTES]
+        expected = self._frame_mac(self._received, payload)
         if len(tag) < MAC_BYTES or not hmac.compare_digest(tag, expected):
             raise LinkError("frame authentication failed (tampered, replayed or out of order)")
         self._received += 1
@@ -146,14 +160,14 @@ class PeerStats:
 
 
 class Transport:
-    """Delivers Raft messages between nodes; `inbox` receives what peers send us."""
+    """Delivers Raft messages between nodes; `deliver` is called with each message peers send us."""
 
     def __init__(
         self,
         node_id: NodeId,
         peers: dict[NodeId, tuple[str, int]],
         secret: bytes,
-        inbox: trio.MemorySendChannel[Message],
+        deliver: Callable[[Message], None],
         *,
         queue_size: int = 4096,
         max_backoff: float = 0.05,
@@ -166,7 +180,7 @@ class Transport:
         self.id = node_id
         self.peers = peers
         self._secret = secret
-        self._inbox = inbox
+        self._deliver = deliver
         self._max_backoff = max_backoff
         self._rng = rng or random.Random()
         self._server_ssl, self._client_ssl = server_ssl, client_ssl
@@ -238,7 +252,7 @@ class Transport:
         if not hmac.compare_digest(challenge.proof, _mac(self._secret, b"accept", nonce, challenge.nonce, *ids)):
             raise LinkError(f"peer {peer} failed authentication (wrong cluster secret?)")
         await framed.send(_encoder.encode(Proof(_mac(self._secret, b"dial", challenge.nonce, nonce, *ids))))
-        framed.key = _mac(self._secret, b"session", nonce, challenge.nonce, *ids)
+        framed.authenticate(_mac(self._secret, b"session", nonce, challenge.nonce, *ids))
 
     async def _pump(self, framed: _Framed, queue: trio.MemoryReceiveChannel[Message], stats: PeerStats) -> None:
         async for first in queue:
@@ -277,7 +291,7 @@ class Transport:
                     for m in decode_batch(payload):
                         if m.src != peer:
                             raise LinkError(f"message claims src {m.src!r} on {peer}'s link")
-                        await self._inbox.send(m)
+                        self._deliver(m)
         except LinkError as exc:
             kind = "bad_frame" if peer != "?" else "handshake"
             self.errors[kind] += 1
@@ -306,5 +320,5 @@ class Transport:
         proof = _decode(Proof, await framed.receive())
         if not hmac.compare_digest(proof.proof, _mac(self._secret, b"dial", nonce, hello.nonce, *ids)):
             raise LinkError(f"{hello.src} failed authentication (wrong cluster secret?)")
-        framed.key = _mac(self._secret, b"session", hello.nonce, nonce, *ids)
+        framed.authenticate(_mac(self._secret, b"session", hello.nonce, nonce, *ids))
         return hello.src

@@ -1,5 +1,6 @@
 """Peer links over real loopback sockets: delivery, authentication, replay and failure isolation."""
 
+import math
 import time
 
 import msgspec
@@ -42,9 +43,9 @@ class Cluster:
         self.scopes[node].cancel()
 
     async def _run(self, node: str, listeners: list[trio.SocketListener], task_status=trio.TASK_STATUS_IGNORED) -> None:
-        send, receive = trio.open_memory_channel[Message](1000)
+        send, receive = trio.open_memory_channel[Message](math.inf)
         peers = {p: ("127.0.0.1", self.ports[p]) for p in self.ids if p != node}
-        self.transports[node] = transport.Transport(node, peers, self.secrets.get(node, SECRET), send)
+        self.transports[node] = transport.Transport(node, peers, self.secrets.get(node, SECRET), send.send_nowait)
         self.inboxes[node] = receive
         with trio.CancelScope() as self.scopes[node]:
             task_status.started()
@@ -104,8 +105,7 @@ async def test_unknown_node_is_refused():
     async with trio.open_nursery() as nursery:
         cluster = Cluster(["a", "b"])
         await cluster.start(nursery)
-        send, _ = trio.open_memory_channel[Message](10)
-        intruder = transport.Transport("mallory", {"b": ("127.0.0.1", cluster.ports["b"])}, SECRET, send)
+        intruder = transport.Transport("mallory", {"b": ("127.0.0.1", cluster.ports["b"])}, SECRET, lambda m: None)
         nursery.start_soon(intruder.run, [])
         with trio.fail_after(10):
             while cluster.transports["b"].errors["handshake"] < 1:
@@ -143,7 +143,8 @@ async def test_frames_replayed_on_another_session_or_reordered_are_refused():
     key_a, key_b = b"k" * 32, b"j" * 32
     sender_stream, receiver_stream = trio.testing.memory_stream_pair()
     sender, receiver = transport._Framed(sender_stream), transport._Framed(receiver_stream)
-    sender.key = receiver.key = key_a
+    sender.authenticate(key_a)
+    receiver.authenticate(key_a)
     await sender.send(b"first")
     await sender.send(b"second")
     assert await receiver.receive() == b"first"
@@ -156,20 +157,22 @@ async def test_frames_replayed_on_another_session_or_reordered_are_refused():
             captured.append(data)
 
     recorder = transport._Framed(Recorder())  # type: ignore[arg-type]
-    recorder.key = key_a
+    recorder.authenticate(key_a)
     await recorder.send(b"first")
     await recorder.send(b"second")
+    # the wire format of version 1: a node upgraded one at a time still talks to the others
+    assert captured[1][-transport.MAC_BYTES :] == transport._mac(key_a, (1).to_bytes(8, "big"), b"second")[: transport.MAC_BYTES]
 
     other_stream, other_end = trio.testing.memory_stream_pair()
     other = transport._Framed(other_end)
-    other.key = key_b  # a different connection: different session key
+    other.authenticate(key_b)  # a different connection: different session key
     await other_stream.send_all(captured[0])
     with pytest.raises(transport.LinkError):
         await other.receive()
 
     reorder_stream, reorder_end = trio.testing.memory_stream_pair()
     reorder = transport._Framed(reorder_end)
-    reorder.key = key_a
+    reorder.authenticate(key_a)
     await reorder_stream.send_all(captured[1])  # the second frame first
     with pytest.raises(transport.LinkError):
         await reorder.receive()
@@ -218,8 +221,7 @@ async def test_a_captured_peer_stream_replayed_on_a_new_connection_or_after_a_re
         await cluster.start(nursery)
         captured = bytearray()
         proxy = await _recording_proxy(nursery, cluster.ports["b"], captured)
-        send, _ = trio.open_memory_channel[Message](10)
-        dialer = transport.Transport("a", {"b": ("127.0.0.1", proxy)}, SECRET, send)  # "a", over the tapped wire
+        dialer = transport.Transport("a", {"b": ("127.0.0.1", proxy)}, SECRET, lambda m: None)  # "a", over the tapped wire
         tapped = trio.CancelScope()
 
         async def dial() -> None:
