@@ -234,6 +234,8 @@ class Node:
                 self._send(rd.messages[: rd.early])  # a leader replicates while it writes its own log
                 if rd.must_sync:
                     if rd.snapshot is None and self.placement.inline(rd.entries):
+                        if rd.early:
+                            await trio.lowlevel.checkpoint()  # the peer links send before the loop blocks on fsync
                         self._persist(rd)
                     else:
                         await trio.to_thread.run_sync(self._persist, rd)
