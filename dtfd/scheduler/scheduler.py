@@ -12,7 +12,6 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from collections import Counter
 from dataclasses import dataclass
 
 import trio
@@ -131,24 +130,11 @@ class Scheduler:
         policy = t.BreakerPolicy.from_config(self.node.machine.image.config)
         if worker is None or worker.state != "active" or not t.breaker_admits(worker.breaker, now, policy):
             return []
-        busy, active_per_run, queued = 0, Counter[str](), []
-        for task in self.workload.open_tasks():  # one pass: this runs for every lease request
-            if task.state in t.ACTIVE:
-                active_per_run[task.spec.run_id] += 1
-                busy += task.lease is not None and task.lease.worker == worker_id
-            elif task.state == t.QUEUED and task.not_before <= now and not task.cancel_requested:
-                queued.append(task)
-        room = min(most, worker.slots - busy, 1 if worker.breaker.state != "closed" else most)
+        queues = self.workload.queues
+        room = min(most, worker.slots - queues.active_per_worker[worker_id], 1 if worker.breaker.state != "closed" else most)
         if room <= 0:
             return []
-        candidates = [task for task in queued if t.fits(task.spec.requirements, worker)]
-        picked: list[t.Task] = []
-        while candidates and len(picked) < room:
-            best = min(candidates, key=lambda task: (-task.spec.priority, active_per_run[task.spec.run_id], task.order))
-            candidates.remove(best)
-            active_per_run[best.spec.run_id] += 1
-            picked.append(best)
-        return picked
+        return queues.pick(self.workload.tasks, worker, room, now)
 
     # ---- the sweep ------------------------------------------------------------------
 

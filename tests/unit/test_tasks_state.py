@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import itertools
+import random
+from collections import Counter
 from typing import get_args
 
 import pytest
@@ -330,3 +332,87 @@ def test_starts_in_one_command_answer_each_lease_on_its_own():
     answers = c.apply(t.ReportTasks(started=refs)).value["started"]
     assert [(a["accepted"], a["error"], a["cancel_requested"]) for a in answers] == [(True, "", False), (True, "", True), (False, "stale_lease", False)]
     assert c.task(first).state == c.task(second).state == t.RUNNING
+
+
+def _reference_pick(workload: t.Workload, worker: t.Worker, room: int, now: float) -> list[str]:
+    """The rule without the queues: scan every task."""
+    active = Counter(task.spec.run_id for task in workload.tasks.values() if task.state in t.ACTIVE)
+    queued = [
+        task
+        for task in workload.tasks.values()
+        if task.state == t.QUEUED and task.not_before <= now and not task.cancel_requested and t.fits(task.spec.requirements, worker)
+    ]
+    picked: list[str] = []
+    while queued and len(picked) < room:
+        best = min(queued, key=lambda task: (-task.spec.priority, active[task.spec.run_id], task.order))
+        queued.remove(best)
+        active[best.spec.run_id] += 1
+        picked.append(best.id)
+    return picked
+
+
+def _random_step(c: Cluster, rng: random.Random, leases: dict[str, str]) -> None:
+    """One command as a busy cluster would see it: mostly valid leases and reports, some stale."""
+    workload, roll = c.workload, rng.random()
+    workers = [w for w in workload.workers.values() if w.state == "active"]
+    c.now += rng.choice([0.0, 0.5, 5.0])
+    if roll < 0.1 or not workers:
+        labels = rng.choice([{}, {"os": "linux"}, {"os": "linux", "gpu": "x"}])
+        c.apply(t.RegisterWorker(rng.choice(["w1", "w2", "w3"]), labels, 4.0, 8192, rng.randint(1, 4)))
+    elif roll < 0.35:
+        specs = [
+            t.TaskSpec(
+                argv=["x"],
+                max_retries=rng.randint(0, 2),
+                priority=rng.randint(0, 1),
+                run_id=rng.choice(["", "a", "b"]),
+                requirements=rng.choice([t.Requirements(), t.Requirements(labels={"os": "linux"}), t.Requirements(labels={"gpu": "x"})]),
+                backoff=t.Backoff(base_s=rng.choice([0.1, 10.0])),
+            )
+            for _ in range(rng.randint(1, 4))
+        ]
+        c.apply(t.SubmitTasks(specs))
+    elif roll < 0.6:
+        worker = rng.choice(workers)
+        picked = workload.queues.pick(workload.tasks, worker, rng.randint(1, 3), c.now)
+        assignments = [t.Assignment(task.id, f"L{c.machine.applied}.{n}", c.now + 60) for n, task in enumerate(picked)]
+        for grant in c.apply(t.AssignTasks(worker.id, assignments)).value or []:
+            leases[grant["task_id"]] = grant["lease_id"]
+    elif leases:
+        task_id = rng.choice(sorted(leases))
+        lease_id = leases[task_id] if rng.random() < 0.9 else "stale"
+        kind = rng.random()
+        if kind < 0.3:
+            c.apply(t.ReportTasks(started=[t.LeaseRef(task_id, lease_id)]))
+        elif kind < 0.7:
+            status = rng.choice(["succeeded", "failed", "error", "timed_out", "cancelled"])
+            c.apply(t.ReportTasks(finished=[t.Report(task_id, lease_id, t.Outcome(status=status, exit_code=0 if status == "succeeded" else 1))]))
+        elif kind < 0.8:
+            c.apply(t.CancelTask(task_id))
+        elif kind < 0.9:
+            c.apply(t.ReturnLease(task_id, lease_id))
+        elif kind < 0.95:
+            c.apply(t.ExpireLease(task_id, lease_id))
+        else:
+            c.apply(t.RemoveWorker(rng.choice(["w1", "w2", "w3"]), lost=True))
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_the_queues_kept_as_tasks_move_pick_what_a_full_scan_picks(seed):
+    """Every node keeps the queues as tasks move; a restored node builds them afresh: both
+    must pick exactly what scanning every task would, and count the same active tasks."""
+    rng, c, leases = random.Random(seed), Cluster(), {}
+    for step in range(150):
+        _random_step(c, rng, leases)
+        if step % 10:
+            continue
+        restored = Cluster()
+        restored.machine.restore(c.machine.snapshot())
+        for workload in (c.workload, restored.workload):
+            active = [task for task in workload.tasks.values() if task.state in t.ACTIVE]
+            assert +workload.queues.active_per_worker == Counter(task.lease.worker for task in active)
+            assert +workload.queues.active_per_run == Counter(task.spec.run_id for task in active)
+            for worker in workload.workers.values():
+                for room in (1, 4):
+                    picked = [task.id for task in workload.queues.pick(workload.tasks, worker, room, c.now)]
+                    assert picked == _reference_pick(workload, worker, room, c.now)
