@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
+from prometheus_client.parser import text_string_to_metric_families
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -85,6 +86,33 @@ def cpu_line(before: dict[tuple[str, int], float], after: dict[tuple[str, int], 
     return f"leader {share.get(leader, 0):.0f}, followers {followers}, workers {workers:.0f}"
 
 
+def traffic(cluster: LocalCluster) -> collections.Counter[str]:
+    """Requests served by every node (by route; a forwarded one counts at both), fsyncs, and the leader's commit index."""
+    totals: collections.Counter[str] = collections.Counter()
+    leader = cluster.wait_leader()
+    for node in cluster.files.node_ids:
+        if node not in cluster.procs or cluster.procs[node].poll() is not None:
+            continue
+        with cluster.client(node) as client:
+            text = client.get("/metrics", timeout=10).text
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                if sample.name == "dtf_http_requests_total" and sample.labels["route"] != "/metrics":
+                    totals[sample.labels["route"]] += int(sample.value)
+                elif sample.name == "dtf_wal_fsync_duration_seconds_count":
+                    totals["fsyncs"] += int(sample.value)
+                elif sample.name == "dtf_raft_commit_index" and node == leader:
+                    totals["entries"] = int(sample.value)
+    return totals
+
+
+def per_task(before: collections.Counter[str], after: collections.Counter[str], tasks: int) -> str:
+    """What one task cost the cluster: requests by route, replicated entries, fsyncs on all nodes."""
+    diff = {key: after[key] - before[key] for key in after}
+    routes = ", ".join(f"{route} {n / tasks:.2f}" for route, n in sorted(diff.items()) if route.startswith("/") and n)
+    return f"per task: {diff.get('entries', 0) / tasks:.2f} entries, {diff.get('fsyncs', 0) / tasks:.2f} fsyncs (3 nodes); requests {routes}"
+
+
 def submit_run(cluster: LocalCluster, run_id: str, total: int, batch: int, before_batch: Callable[[int], None]) -> None:
     """Submit `total` tasks in batches; `before_batch(seq)` may break things between two of them."""
     for seq, start in enumerate(range(0, total, batch), 1):
@@ -105,11 +133,12 @@ def tasks_of(cluster: LocalCluster, run_id: str) -> list[dict]:
 
 
 def measure(cluster: LocalCluster, name: str, total: int, batch: int, before_batch: Callable[[int], None] = lambda seq: None) -> Measured:
-    cpu_before, started = cpu_seconds(cluster), time.monotonic()
+    cpu_before, traffic_before, started = cpu_seconds(cluster), traffic(cluster), time.monotonic()
     submit_run(cluster, name, total, batch, before_batch)
     until(lambda: call(cluster, "GET", f"/v1/runs/{name}").json()["done"], timeout=60 + total / 20, what=f"run {name} done", interval=0.1)
     elapsed = time.monotonic() - started
     cpu = cpu_line(cpu_before, cpu_seconds(cluster), elapsed, cluster.files.node_ids, cluster.wait_leader())
+    print(f"  {name} {per_task(traffic_before, traffic(cluster), total)}", flush=True)
     tasks = tasks_of(cluster, name)
     if len(tasks) != total or any(task["state"] not in TERMINAL for task in tasks):
         raise RuntimeError(f"run {name}: {len(tasks)} tasks listed of {total} submitted")
@@ -139,7 +168,7 @@ def start_profile(cluster: LocalCluster, out: Path) -> subprocess.Popen | None:
         print("py-spy not installed (.venv/bin/pip install py-spy): no profile")
         return None
     pid = cluster.procs[cluster.wait_leader()].pid
-    command = [py_spy, "record", "--pid", str(pid), "--rate", "200", "--nonblocking", "--format", "raw", "-o", str(out)]
+    command = [py_spy, "record", "--pid", str(pid), "--rate", "200", "--nonblocking", "--gil", "--format", "raw", "-o", str(out)]
     return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
 
 
@@ -151,7 +180,7 @@ def print_profile(spy: subprocess.Popen, raw: Path) -> None:
     except subprocess.TimeoutExpired:
         spy.kill()
         spy.wait()
-    summarize_profile(raw, "py-spy on the leader during the first run, 200 Hz")
+    summarize_profile(raw, "py-spy on the leader during the first run, 200 Hz, samples holding the GIL")
 
 
 def print_table(rows: list[Measured], workers: int, slots: int, batch: int) -> None:
