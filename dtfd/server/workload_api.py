@@ -71,7 +71,7 @@ class WorkloadApi:
         wait = self.limiter.retry_after(request.principal, cost=len(body.tasks))
         if wait:
             return _shed(f"client {request.principal!r} is over its submission rate", wait)
-        queued = sum(1 for task in self.workload.open_tasks() if task.state == t.QUEUED)
+        queued = self.workload.queues.queued
         limit = self.scheduler.policy.max_queued
         if queued + len(body.tasks) > limit:
             return _shed(f"queue is full ({queued} tasks queued, limit {limit})", 5.0)

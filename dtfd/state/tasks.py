@@ -590,6 +590,10 @@ class Queues:
         self.active_per_run: Counter[str] = Counter()
         self.active_per_worker: Counter[str] = Counter()
 
+    @property
+    def queued(self) -> int:
+        return len(self._group_of)
+
     @classmethod
     def build(cls, tasks: Iterable[Task]) -> Queues:
         queues = cls()

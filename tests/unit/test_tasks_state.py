@@ -412,6 +412,7 @@ def test_the_queues_kept_as_tasks_move_pick_what_a_full_scan_picks(seed):
             active = [task for task in workload.tasks.values() if task.state in t.ACTIVE]
             assert +workload.queues.active_per_worker == Counter(task.lease.worker for task in active)
             assert +workload.queues.active_per_run == Counter(task.spec.run_id for task in active)
+            assert workload.queues.queued == sum(1 for task in workload.tasks.values() if task.state == t.QUEUED)
             for worker in workload.workers.values():
                 for room in (1, 4):
                     picked = [task.id for task in workload.queues.pick(workload.tasks, worker, room, c.now)]
