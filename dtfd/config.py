@@ -47,7 +47,7 @@ class Raft(Strict):
     max_bytes_per_msg: int = 1 << 20
     snapshot_chunk_bytes: int = 1 << 20
     snapshot_every_entries: int = 10_000
-    checksum_every_entries: int = 1000  # state checksum at every multiple of this index, compared across nodes
+    checksum_every_entries: int = 1000  # state checksum at multiples of this index (fewer for a state over 4 MB), compared across nodes
 
 
 class Storage(Strict):

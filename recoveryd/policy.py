@@ -118,9 +118,9 @@ def _cluster_verdicts(cycle: dict[str, Observation], config: Config) -> dict[str
 def _odd_states(views: dict[str, dict], cluster_size: int) -> dict[str, Verdict]:
     """Nodes whose state checksum differs from a majority's at the same index (the newest index that shows one).
 
-    Each node reports its checksum at its applied index and at recent checkpoints (every
-    index that is a multiple of raft.checksum_every_entries), so under load, when no two
-    nodes are at the same applied index, they still share a checkpoint.
+    Each node reports its checksum at its applied index and at recent checkpoints (multiples
+    of raft.checksum_every_entries, sparser for a big state but alike on every node), so
+    under load, when no two nodes are at the same applied index, they still share a checkpoint.
     """
     points: dict[int, dict[str, str]] = {}
     for name, view in views.items():

@@ -35,6 +35,7 @@ log = logging.getLogger("dtf.node")
 
 CHECKSUM_LOOP_SHARE = 0.1  # encoding the state for /v1/status takes at most this share of the event loop
 CHECKPOINTS_KEPT = 4  # recent (index, checksum) pairs in /v1/status, so nodes at different indexes still share one
+ENCODE_BYTES_PER_ENTRY = 4096  # checkpoints, and compactions, of a big state are spaced to encode at most this per applied entry
 
 
 class NotLeaderError(Exception):
@@ -52,8 +53,8 @@ class Unavailable(Exception):
 @dataclass
 class Timing:
     tick_s: float
-    snapshot_every: int
-    checksum_every: int = 1000  # a checkpoint (index, state checksum) at every multiple of this index
+    snapshot_every: int  # compact the log after this many applied entries (more for a big state: ENCODE_BYTES_PER_ENTRY)
+    checksum_every: int = 1000  # checkpoints (index, state checksum) at multiples of this index; see checkpoint_stride()
 
 
 @dataclass
@@ -86,8 +87,10 @@ class Node:
         persisted = storage.load()
         self.core = Raft(raft_config, persisted)
         self.machine = StateMachine()
+        self._checkpoint_stride = timing.checksum_every
         if persisted.snapshot:
             self.machine.restore(persisted.snapshot.data)
+            self._checkpoint_stride = checkpoint_stride(timing.checksum_every, len(persisted.snapshot.data))
         self._wake = trio.Event()
         self.placement = PersistPlacement()
         self._applied_event = trio.Event()
@@ -259,6 +262,7 @@ class Node:
     def _apply(self, rd: Ready) -> None:
         if rd.snapshot:
             self.machine.restore(rd.snapshot.data)
+            self._checkpoint_stride = checkpoint_stride(self.timing.checksum_every, len(rd.snapshot.data))
             log.info("snapshot installed %s", fields(node=self.id, index=rd.snapshot.meta.index))
             self._checkpoint()
         for entry in rd.committed:
@@ -287,7 +291,9 @@ class Node:
     async def _maybe_compact(self, asked: bool = False) -> None:
         applied = self.machine.applied
         waiting, self._compactions = (self._compactions, []) if asked else ([], self._compactions)
-        due = asked or applied - self.core.log.snapshot_index >= self.timing.snapshot_every
+        last_size = self.core.snapshot.meta.size if self.core.snapshot else 0
+        every = max(self.timing.snapshot_every, last_size // ENCODE_BYTES_PER_ENTRY)
+        due = asked or applied - self.core.log.snapshot_index >= every
         if due and self.core.log.snapshot_index < applied <= self.core.log.applied:
             snapshot = self.core.compact(applied, self.machine.snapshot())
             await trio.to_thread.run_sync(self.storage.compact, snapshot)
@@ -298,10 +304,14 @@ class Node:
     def _checkpoint(self) -> None:
         """Every node checksums its state at the same indexes, so recoveryd can compare them under load.
 
-        The image is encoded here, at its index; _hash_checkpoints hashes it off the loop.
+        The image is encoded here, at its index (once: a compaction or /v1/status there reuses
+        it); _hash_checkpoints hashes it off the loop. Its size sets where the next one falls.
         """
-        if self.machine.applied % self.timing.checksum_every == 0:
-            self._unhashed = [*self._unhashed, (self.machine.applied, self.machine.snapshot())][-CHECKPOINTS_KEPT:]
+        index = self.machine.applied
+        if index % self._checkpoint_stride == 0:
+            data = self.machine.snapshot()
+            self._checkpoint_stride = checkpoint_stride(self.timing.checksum_every, len(data))
+            self._unhashed = [*self._unhashed, (index, data)][-CHECKPOINTS_KEPT:]
             self._hash_wake.set()
 
     async def _hash_checkpoints(self) -> None:
@@ -329,6 +339,22 @@ class Node:
         for read in self._reads.values():
             if read.index is None:
                 read.event.set()
+
+
+def checkpoint_stride(every: int, size: int) -> int:
+    """Entries from one checkpoint to the next after one of `size` bytes: `every` doubled until the
+    encoding averages at most ENCODE_BYTES_PER_ENTRY per entry applied.
+
+    Encoding a 100 MB state at every 1000th index took over half the loop under write load
+    (bench/checkpoints.py). The size is replicated data (the same state at the same index on
+    every node), so nodes agree on the stride. One that restored a snapshot may disagree
+    until the first checkpoint both take, and agrees from there on; strides being `every`
+    times powers of two, the larger one's multiples are also the smaller one's.
+    """
+    stride = every
+    while stride * ENCODE_BYTES_PER_ENTRY < size:
+        stride *= 2
+    return stride
 
 
 def _sha256(data: bytes) -> str:

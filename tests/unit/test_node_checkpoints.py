@@ -1,4 +1,6 @@
-"""State checkpoints: the state is encoded once per applied index, however many ask for it."""
+"""State checkpoints: the state is encoded once per applied index, however many ask for it, and
+checkpoints of a big state are spaced so that encoding it stays a small share of the loop, at
+indexes every node picks alike."""
 
 from __future__ import annotations
 
@@ -9,7 +11,7 @@ import pytest
 import trio
 
 from dtfd.raft import Config as RaftConfig
-from dtfd.server.node import Node, Timing
+from dtfd.server.node import ENCODE_BYTES_PER_ENTRY, Node, Timing, checkpoint_stride
 from dtfd.state import machine as machine_module
 from dtfd.state.machine import Envelope, Image, Put
 from dtfd.storage.memory import MemoryStorage
@@ -59,3 +61,36 @@ async def test_a_checkpoint_a_compaction_and_the_status_at_one_index_encode_the_
     assert encodes.images[compacted] == 1 and encodes.images[3 * EVERY] == 1
     assert max(encodes.images.values()) == 1, f"encoded more than once at an index: {encodes.images}"
 
+
+def test_a_small_state_is_checkpointed_at_every_multiple_and_a_big_one_at_a_bounded_cost_per_entry() -> None:
+    assert checkpoint_stride(1000, 0) == 1000
+    assert checkpoint_stride(1000, 1000 * ENCODE_BYTES_PER_ENTRY) == 1000
+    for size in (10**6, 10**7, 10**8, 10**9):
+        stride = checkpoint_stride(1000, size)
+        assert stride % 1000 == 0 and (stride // 1000).bit_count() == 1
+        assert size / stride <= ENCODE_BYTES_PER_ENTRY
+        assert stride == 1000 or size / (stride // 2) > ENCODE_BYTES_PER_ENTRY, "no sparser than it needs to be"
+
+
+def checkpoints(start: int, stride: int, size_at, until: int) -> list[int]:
+    """The checkpoint indexes a node picks from `start` on (as Node._checkpoint does), with the state size at each index."""
+    taken = []
+    for index in range(start, until + 1):
+        if index % stride == 0:
+            taken.append(index)
+            stride = checkpoint_stride(EVERY, size_at(index))
+    return taken
+
+
+@pytest.mark.parametrize("restored_at", [1, 137, 480, 1234, 2999])
+def test_a_node_that_restored_a_snapshot_meets_the_others_at_a_shared_checkpoint_and_stays_in_step(restored_at) -> None:
+    def size_at(index: int) -> int:  # a state growing under writes, past several stride doublings
+        return 3_000 * index
+
+    last = 20_000
+    old = checkpoints(1, EVERY, size_at, last)
+    new = checkpoints(restored_at + 1, checkpoint_stride(EVERY, size_at(restored_at)), size_at, last)
+    shared = sorted(set(old) & set(new))
+    assert shared, "they never checkpoint at the same index"
+    assert [i for i in old if i >= shared[0]] == [i for i in new if i >= shared[0]]
+    assert len(old) < last // EVERY / 10, "a big state is not encoded at every multiple"
