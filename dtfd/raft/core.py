@@ -395,6 +395,11 @@ class Raft:
             return
         if m.type in RESPONSES:
             pr.recent_active = True
+        if m.rejoining and self._lost_entries(m, pr):
+            pr.forget(m.commit, m.index if m.type is T.HEARTBEAT_RESP else m.hint_index)
+            if m.type is T.APPEND_RESP:
+                self._send_append(m.src)
+                return
         if m.type is T.APPEND_RESP:
             self._handle_append_response(m, pr)
         elif m.type is T.HEARTBEAT_RESP:
@@ -423,6 +428,16 @@ class Raft:
             self._leader_read(m.context, m.src)
         elif m.type not in (T.VOTE_RESP, T.PRE_VOTE_RESP):  # late votes after winning are normal
             self.dropped["unexpected"] += 1
+
+    @staticmethod
+    def _lost_entries(m: Message, pr: Progress) -> bool:
+        """A rejoining follower's log ends before the match index held for it (Raft assumes match never falls).
+
+        From any other follower such a response is only a stale one, overtaken by a later acknowledgement.
+        """
+        if m.type is T.HEARTBEAT_RESP:
+            return m.index < pr.match
+        return m.type is T.APPEND_RESP and m.reject and m.index <= pr.match
 
     # ---- replication --------------------------------------------------------
 
@@ -732,6 +747,10 @@ class Raft:
 
     def _send(self, kind: MessageType, to: NodeId, **fields: object) -> None:
         fields.setdefault("term", self.term)
+        if self.rejoining and kind in (T.APPEND_RESP, T.HEARTBEAT_RESP):
+            fields.update(rejoining=True, commit=self.log.committed)
+            if kind is T.HEARTBEAT_RESP:
+                fields["index"] = self.log.last_index
         self._msgs.append(Message(type=kind, src=self.id, dst=to, **fields))  # type: ignore[arg-type]
 
 

@@ -84,6 +84,9 @@ class Message(msgspec.Struct, frozen=True, omit_defaults=True):
     APPEND_RESP: index is the follower's last matching index; on reject, hint_index and
     hint_term let the leader skip a whole conflicting term at once.
     SNAPSHOT_RESP: index is the next byte offset the follower wants.
+    rejoining: on APPEND_RESP and HEARTBEAT_RESP from a node whose log was reset (a reseed),
+    which may end before what it acknowledged earlier; commit is its commit index, and on a
+    HEARTBEAT_RESP index is its last index.
     """
 
     type: MessageType
@@ -99,6 +102,7 @@ class Message(msgspec.Struct, frozen=True, omit_defaults=True):
     hint_term: int = 0
     context: bytes = b""
     snapshot: SnapshotChunk | None = None
+    rejoining: bool = False
 
 
 class PersistedState(msgspec.Struct, frozen=True):

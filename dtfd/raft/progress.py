@@ -65,6 +65,16 @@ class Progress:
         self.chunk_unanswered = False
         self.inflight.clear()
 
+    def forget(self, committed: int, held: int) -> None:
+        """The follower lost entries it had acknowledged (its log was reset): trust only its
+        `committed` prefix, which every later leader's log holds too, and probe from there.
+
+        A snapshot on its way is still sent, unless the follower already holds up to `held`.
+        """
+        self.match = min(self.match, committed)
+        if self.state is not ProgressState.SNAPSHOT or self.pending_snapshot <= held:
+            self.become_probe()
+
     def maybe_update(self, index: int) -> bool:
         """An acknowledgement up to `index`; False if it tells nothing new."""
         updated = index > self.match

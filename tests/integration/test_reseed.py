@@ -36,9 +36,17 @@ def test_reseeded_follower_catches_up_through_a_snapshot_then_votes_again(tmp_pa
         assert report["rejoin_term"] >= 1 and report["old_term"] == report["rejoin_term"]
         assert (tmp_path / "data" / report["backup"]).is_dir()
         assert sorted(p.name for p in data_dir.iterdir()) == ["REJOIN"]
+        term = cluster.status(leader)["term"]
         cluster.start(follower)
         until(lambda: (cluster.status(follower) or {}).get("rejoining") is True, what="node up and rejoining")
-        # Writes through a leader of a later term bring it back: hand leadership over once.
+        with cluster.client(leader) as c:
+            assert c.put("/v1/kv/rejoining", json={"value": "y"}).status_code == 200
+        # The same leader catches it up, though it remembered a match index beyond the node's empty log.
+        target = cluster.status(leader)["commit_index"]
+        until(lambda: (s := cluster.status(follower)) and s["applied_index"] >= target, what="caught up by the same leader")
+        assert (cluster.status(leader)["role"], cluster.status(leader)["term"]) == ("leader", term)
+        assert cluster.status(follower)["rejoining"]  # it may have voted in this term: it votes again under a later leader
+        # Writes through a leader of a later term let it vote again: hand leadership over once.
         other = next(n for n in cluster.files.node_ids if n not in (leader, follower))
         with cluster.client(leader) as c:
             assert c.post("/v1/leadership/transfer", json={"to": other}).status_code == 202

@@ -310,5 +310,5 @@ def arbitrary_messages(ints: st.SearchStrategy[int], names: st.SearchStrategy[st
     return st.builds(
         Message, type=st.sampled_from(MT), src=names, dst=names, term=ints, log_term=ints, index=ints,
         entries=st.lists(entries, max_size=4).map(tuple), commit=ints, reject=st.booleans(), hint_index=ints,
-        hint_term=ints, context=blobs, snapshot=chunks,
+        hint_term=ints, context=blobs, snapshot=chunks, rejoining=st.booleans(),
     )
