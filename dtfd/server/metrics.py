@@ -33,11 +33,14 @@ class _NodeCollector(Collector):
         yield dropped
         up = GaugeMetricFamily("dtf_peer_up", "1 while the outgoing link to a peer is connected.", labels=["peer"])
         queue_drops = CounterMetricFamily("dtf_peer_messages_dropped", "Messages dropped for a peer that was unreachable or slow.", labels=["peer"])
+        queued = GaugeMetricFamily("dtf_peer_queued_bytes", "Payload bytes (entries, snapshot chunks) queued for a peer.", labels=["peer"])
         for peer, stats in sorted(self.transport.stats.items()):
             up.add_metric([peer], int(stats.up))
             queue_drops.add_metric([peer], stats.dropped)
+            queued.add_metric([peer], stats.queued_bytes)
         yield up
         yield queue_drops
+        yield queued
 
 
 class Metrics:

@@ -6,10 +6,11 @@ derives a per-connection key; every frame after it carries a MAC over its sequen
 number, so a frame replayed from another connection, after a restart or out of order
 is refused. Frames are `u32 length | msgpack list of Messages | 16-byte MAC`.
 
-Sending never blocks the driver: each peer has a bounded queue drained by its own
-task, and while a peer is unreachable its messages are dropped (Raft resends).
-Received messages go straight to `deliver` from the connection's task: a hop through a
-channel and another task would add a scheduler pass to every replication round trip.
+Sending never blocks the driver: each peer has a queue bounded in messages and in
+payload bytes, drained by its own task; what does not fit, and while a peer is
+unreachable all its messages, are dropped (Raft resends). Received messages go
+straight to `deliver` from the connection's task: a hop through a channel and another
+task would add a scheduler pass to every replication round trip.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ LOG_EVERY_S = 10.0  # repeated refusals from one peer are logged once per this i
 MAC_BYTES = 16
 MAX_FRAME = 64 << 20
 BATCH_BYTES = MAX_FRAME // 4  # a batch stops growing here: queued snapshot chunks must not add up past MAX_FRAME
+QUEUE_BYTES = 2 * BATCH_BYTES  # per peer: 4096 queued 1 MiB snapshot chunks or appends would hold 4 GiB
 HANDSHAKE_TIMEOUT = 5.0
 _length = struct.Struct(">I")
 
@@ -157,6 +159,7 @@ class PeerStats:
     sent: int = 0
     dropped: int = 0
     connects: int = 0
+    queued_bytes: int = 0  # payload bytes (entries, snapshot chunks) waiting in the queue
 
 
 class Transport:
@@ -170,6 +173,7 @@ class Transport:
         deliver: Callable[[Message], None],
         *,
         queue_size: int = 4096,
+        queue_bytes: int = QUEUE_BYTES,
         max_backoff: float = 0.05,
         rng: random.Random | None = None,
         server_ssl: ssl.SSLContext | None = None,
@@ -182,6 +186,7 @@ class Transport:
         self._secret = secret
         self._deliver = deliver
         self._max_backoff = max_backoff
+        self._queue_bytes = queue_bytes
         self._rng = rng or random.Random()
         self._server_ssl, self._client_ssl = server_ssl, client_ssl
         self._queues = {peer: trio.open_memory_channel[Message](queue_size) for peer in peers}
@@ -190,16 +195,26 @@ class Transport:
         self._logged: dict[tuple[str, str], tuple[float, int]] = {}
 
     def send(self, messages: Iterable[Message]) -> None:
-        """Queue messages for their peers; never blocks, drops when a queue is full."""
+        """Queue messages for their peers; never blocks, drops when a queue is full.
+
+        Full is 4096 messages or `queue_bytes` of payload; a message bigger than that
+        alone still goes into a queue that holds no payload.
+        """
         for m in messages:
             queue = self._queues.get(m.dst)
             if queue is None:
                 self.errors["unknown_destination"] += 1
                 continue
+            stats, size = self.stats[m.dst], _payload_bytes(m)
+            if stats.queued_bytes and stats.queued_bytes + size > self._queue_bytes:
+                stats.dropped += 1
+                continue
             try:
                 queue[0].send_nowait(m)
             except trio.WouldBlock:
-                self.stats[m.dst].dropped += 1
+                stats.dropped += 1
+                continue
+            stats.queued_bytes += size
 
     async def run(self, listeners: list[trio.SocketListener]) -> None:
         """Accept on `listeners` and keep a sender per peer, until cancelled."""
@@ -263,6 +278,7 @@ class Transport:
                 except trio.WouldBlock:
                     break
                 size += _payload_bytes(batch[-1])
+            stats.queued_bytes -= size
             await framed.send(_encoder.encode(batch))
             stats.sent += len(batch)
 
@@ -272,6 +288,7 @@ class Transport:
             try:
                 queue.receive_nowait()
             except trio.WouldBlock:
+                stats.queued_bytes = 0
                 return
             stats.dropped += 1
 
