@@ -60,6 +60,7 @@ class Measured:
     max_ms: float
     states: dict[str, int]
     cpu: str
+    worker_ms: tuple[float, float]  # CPU per task in the dtf-worker processes, and in the tasks they ran
 
     @property
     def per_s(self) -> float:
@@ -76,6 +77,21 @@ def cpu_seconds(cluster: LocalCluster) -> dict[tuple[str, int], float]:
             continue
         used[name, proc.pid] = times.user + times.system + times.children_user + times.children_system
     return used
+
+
+def worker_cpu(cluster: LocalCluster) -> tuple[float, float]:
+    """CPU seconds so far of the workers themselves, and of the task processes they reaped."""
+    own = tasks = 0.0
+    for name, proc in cluster.procs.items():
+        if name in cluster.files.node_ids:
+            continue
+        try:
+            times = psutil.Process(proc.pid).cpu_times()
+        except psutil.Error:
+            continue
+        own += times.user + times.system
+        tasks += times.children_user + times.children_system
+    return own, tasks
 
 
 def cpu_line(before: dict[tuple[str, int], float], after: dict[tuple[str, int], float], seconds: float, nodes: list[str], leader: str) -> str:
@@ -133,11 +149,13 @@ def tasks_of(cluster: LocalCluster, run_id: str) -> list[dict]:
 
 
 def measure(cluster: LocalCluster, name: str, total: int, batch: int, before_batch: Callable[[int], None] = lambda seq: None) -> Measured:
-    cpu_before, traffic_before, started = cpu_seconds(cluster), traffic(cluster), time.monotonic()
+    cpu_before, workers_before, traffic_before, started = cpu_seconds(cluster), worker_cpu(cluster), traffic(cluster), time.monotonic()
     submit_run(cluster, name, total, batch, before_batch)
     until(lambda: call(cluster, "GET", f"/v1/runs/{name}").json()["done"], timeout=60 + total / 20, what=f"run {name} done", interval=0.1)
     elapsed = time.monotonic() - started
     cpu = cpu_line(cpu_before, cpu_seconds(cluster), elapsed, cluster.files.node_ids, cluster.wait_leader())
+    (own, ran), (own_before, ran_before) = worker_cpu(cluster), workers_before
+    worker_ms = (1000 * (own - own_before) / total, 1000 * (ran - ran_before) / total)
     print(f"  {name} {per_task(traffic_before, traffic(cluster), total)}", flush=True)
     tasks = tasks_of(cluster, name)
     if len(tasks) != total or any(task["state"] not in TERMINAL for task in tasks):
@@ -146,7 +164,7 @@ def measure(cluster: LocalCluster, name: str, total: int, batch: int, before_bat
     span = max(task["updated_at"] for task in tasks) - min(task["submitted_at"] for task in tasks)
     states = collections.Counter(task["state"] for task in tasks)
     ms = [1000 * value for value in latencies]
-    return Measured(name, total, span, percentile(ms, 0.5), percentile(ms, 0.99), ms[-1], dict(states), cpu)
+    return Measured(name, total, span, percentile(ms, 0.5), percentile(ms, 0.99), ms[-1], dict(states), cpu, worker_ms)
 
 
 def kill_leader_at(cluster: LocalCluster, seq: int) -> Callable[[int], None]:
@@ -189,6 +207,9 @@ def print_table(rows: list[Measured], workers: int, slots: int, batch: int) -> N
     for r in rows:
         states = " ".join(f"{state}={n}" for state, n in sorted(r.states.items()))
         print(f"{r.name:<12} {r.tasks:>6} {r.seconds:>6.1f} {r.per_s:>8.0f} {r.p50_ms:>8.0f} {r.p99_ms:>8.0f} {r.max_ms:>8.0f}  {states}; {r.cpu}")
+    print("CPU ms per task in the dtf-worker processes (and in the task processes they ran):")
+    for r in rows:
+        print(f"  {r.name:<12} {r.worker_ms[0]:.2f} ({r.worker_ms[1]:.2f})")
 
 
 def main() -> None:
