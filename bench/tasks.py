@@ -1,6 +1,6 @@
 """Tasks/s end to end: no-op tasks through 3 dtfd nodes (fsync on) and real dtf-workers.
 
-    .venv/bin/python bench/tasks.py [--quick] [--tasks N] [--batch B] [--workers W] [--slots S] [--profile]
+    .venv/bin/python bench/tasks.py [--quick] [--tasks N] [--batch B] [--workers W] [--slots S] [--profile [leader|worker]]
 
 Tasks (`true`) are submitted in batches (one POST /v1/tasks of `--batch` tasks, one
 replicated entry each), back to back from one client, while W workers with S slots each
@@ -12,7 +12,8 @@ through the election under one client id and seq, so none is applied twice.
 
 Every wait is bounded, every process started here is stopped on the way out (also on
 Ctrl-C or a failure), and the logs stay in the printed directory when something fails.
---profile samples the leader with py-spy during the first run and prints where its CPU goes.
+--profile samples the leader (or, with `--profile worker`, the first dtf-worker) with py-spy
+during the first run and prints where its CPU goes.
 Nothing here fails on timing.
 """
 
@@ -180,25 +181,25 @@ def kill_leader_at(cluster: LocalCluster, seq: int) -> Callable[[int], None]:
     return hook
 
 
-def start_profile(cluster: LocalCluster, out: Path) -> subprocess.Popen | None:
+def start_profile(cluster: LocalCluster, name: str, out: Path) -> subprocess.Popen | None:
     py_spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
     if not Path(py_spy).exists():
         print("py-spy not installed (.venv/bin/pip install py-spy): no profile")
         return None
-    pid = cluster.procs[cluster.wait_leader()].pid
+    pid = cluster.procs[name].pid
     command = [py_spy, "record", "--pid", str(pid), "--rate", "200", "--nonblocking", "--gil", "--format", "raw", "-o", str(out)]
     return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
 
 
-def print_profile(spy: subprocess.Popen, raw: Path) -> None:
-    """Stop py-spy (it writes on SIGINT); the leader's hottest functions by own and inclusive samples."""
+def print_profile(spy: subprocess.Popen, raw: Path, heading: str) -> None:
+    """Stop py-spy (it writes on SIGINT); the process's hottest functions by own and inclusive samples."""
     spy.send_signal(signal.SIGINT)
     try:
         spy.wait(timeout=30)
     except subprocess.TimeoutExpired:
         spy.kill()
         spy.wait()
-    summarize_profile(raw, "py-spy on the leader during the first run, 200 Hz, samples holding the GIL")
+    summarize_profile(raw, heading)
 
 
 def print_table(rows: list[Measured], workers: int, slots: int, batch: int) -> None:
@@ -219,7 +220,9 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=100, help="tasks per submission")
     parser.add_argument("--workers", type=int, default=8)
     parser.add_argument("--slots", type=int, default=4, help="tasks each worker runs at once")
-    parser.add_argument("--profile", action="store_true", help="sample the leader with py-spy during the first run")
+    parser.add_argument(
+        "--profile", nargs="?", const="leader", choices=("leader", "worker"), help="sample the leader (or worker w1) with py-spy during the first run"
+    )
     args = parser.parse_args()
     total = args.tasks or (1000 if args.quick else 5000)
     print(machine_line(), flush=True)
@@ -232,11 +235,12 @@ def main() -> None:
         for n in range(args.workers):
             cluster.start_worker(write_worker_config(cluster.files, f"w{n + 1}", slots=args.slots))
         until(lambda: len(call(cluster, "GET", "/v1/workers").json()["workers"]) == args.workers, what="workers registered")
-        spy = start_profile(cluster, directory / "leader.raw") if args.profile else None
+        profiled = (cluster.wait_leader() if args.profile == "leader" else "w1") if args.profile else ""
+        spy = start_profile(cluster, profiled, directory / f"{profiled}.raw") if profiled else None
         rows = [measure(cluster, "steady", total, args.batch)]
         print(f"  steady: {rows[0].per_s:,.0f} tasks/s", flush=True)
         if spy is not None:
-            print_profile(spy, directory / "leader.raw")
+            print_profile(spy, directory / f"{profiled}.raw", f"py-spy on {args.profile} {profiled} during the first run, 200 Hz")
         batches = -(-total // args.batch)
         rows.append(measure(cluster, "leader-kill", total, args.batch, kill_leader_at(cluster, batches // 2 + 1)))
         print_table(rows, args.workers, args.slots, args.batch)
