@@ -85,12 +85,10 @@ def test_missing_file(tmp_path):
 
 
 def test_the_client_moves_to_the_leader_an_answer_names():
-    import httpx
-
     from dtfd.worker.client import Client
 
     client = Client(["http://127.0.0.1:7001", "http://127.0.0.1:7002", "http://127.0.0.1:7003"], "t" * 16)
-    client._prefer_leader(httpx.Response(200, headers={"x-dtf-leader": "127.0.0.1:7003"}))
+    client._prefer_leader("127.0.0.1:7003")
     assert client.current == 2
-    client._prefer_leader(httpx.Response(200, headers={"x-dtf-leader": "10.0.0.9:7001"}))  # not one of ours: stay
+    client._prefer_leader("10.0.0.9:7001")  # not one of ours: stay
     assert client.current == 2
