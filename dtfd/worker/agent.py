@@ -2,7 +2,7 @@
 
 One nursery holds everything: the heartbeat, lease, reports and watchdog loops, each a
 named task, and one task per running lease. Coordinator trouble never stops a running
-task: results wait in `pending` (and in a spool file in work_dir, so a restarted worker
+task: results wait in `pending` (and in the spool in work_dir, so a restarted worker
 re-sends them) until a coordinator acknowledges or refuses them.
 
 A lease runs only once the coordinator has recorded its start: a lease whose start is
@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import signal
 
 import msgspec
@@ -29,6 +28,7 @@ from dtfd.server.notify import Notifier
 from dtfd.worker.client import ApiError, Client, Unavailable
 from dtfd.worker.config import WorkerConfig
 from dtfd.worker.runner import Result, Settings, TaskRun, TaskSpec
+from dtfd.worker.spool import Spool
 
 log = logging.getLogger("dtf.worker.agent")
 
@@ -114,7 +114,7 @@ class Agent:
         self.reachable = True
         self.last_cycle = trio.current_time()  # the liveness loop (registration, then heartbeats) last went round
         self.changed = Wakeup()  # a task ended, a result came or went
-        self.spool = cfg.work_dir / f"results-{cfg.id}.json" if tasks.spool else None
+        self.spool = Spool(cfg.work_dir / f"results-{cfg.id}.jsonl", legacy=cfg.work_dir / f"results-{cfg.id}.json") if tasks.spool else None
         self._leasing = trio.CancelScope()
         self._nursery: trio.Nursery | None = None
 
@@ -125,6 +125,13 @@ class Agent:
     async def run(self, stop: trio.Event) -> int:
         """Work until `stop` is set, then drain; the process exit code."""
         self._load_spool()
+        try:
+            return await self._work(stop)
+        finally:
+            if self.spool is not None:
+                self.spool.close()
+
+    async def _work(self, stop: trio.Event) -> int:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             nursery.start_soon(self._stop_on, stop, nursery.cancel_scope, name="drain")
@@ -244,8 +251,8 @@ class Agent:
                     self._untake(results)  # also when cancelled: the results loop sends them then
                     self.changed.fire()
                 backoff = 0.5
-                if results and self._acknowledged(answer):
-                    self._save_spool()
+                if results:
+                    self._acknowledged(answer)
                 leases = [lease for lease in map(self._lease, answer.get("leases") or []) if lease is not None]
                 for run in await self._confirm_starts(leases):
                     self._start(run)
@@ -315,7 +322,8 @@ class Agent:
             return
         self.pending[run.lease_id] = result
         self.due[run.lease_id] = trio.current_time() + RESULT_HOLD_S
-        self._save_spool()
+        if self.spool is not None:
+            self.spool.add(result)
         self.changed.fire()
 
     # results
@@ -342,7 +350,6 @@ class Agent:
                 self._untake(batch)
             if answered:
                 backoff = 0.1
-                self._save_spool()
             else:
                 for item in batch:
                     if item["lease_id"] in self.due:
@@ -376,13 +383,13 @@ class Agent:
         return batch
 
     def _acknowledged(self, answer: dict) -> int:
-        answered = 0
+        answered = []
         for item in answer.get("results") or ():
             result = self.pending.pop(str(item.get("lease_id")), None)
             if result is None:
                 continue
             self.due.pop(result.lease_id, None)
-            answered += 1
+            answered.append(result.lease_id)
             context = fields(task=result.task_id, lease=result.lease_id, status=result.status)
             if item.get("accepted"):
                 log.info("result accepted %s", context)
@@ -390,7 +397,9 @@ class Agent:
                 log.warning("result refused: stale lease (the task was leased again); dropped %s", context)
             else:
                 log.error("result refused; dropped %s", context + " " + fields(error=item.get("error")))
-        return answered
+        if self.spool is not None:
+            self.spool.done(answered)
+        return len(answered)
 
     def _refused(self, batch: list[dict], exc: ApiError) -> int:
         """A whole request refused as bad input: results then go one at a time, and the one refused is dropped."""
@@ -404,10 +413,14 @@ class Agent:
         smaller = shrink(result) if exc.status == 413 else None
         if smaller is not None:  # too big for the coordinator's body limit: send less, never nothing
             self.pending[result.lease_id] = smaller
+            if self.spool is not None:
+                self.spool.add(smaller)
             log.warning("result too large; resending it shrunk %s", fields(task=result.task_id, lease=result.lease_id))
             return 1
         del self.pending[result.lease_id]
         self.due.pop(result.lease_id, None)
+        if self.spool is not None:
+            self.spool.done([result.lease_id])
         log.error("result refused; dropped %s", fields(task=result.task_id, lease=result.lease_id, error=exc))
         return 1
 
@@ -479,30 +492,13 @@ class Agent:
             await trio.sleep(interval)
 
     def _load_spool(self) -> None:
-        if self.spool is None or not self.spool.exists():
-            return
-        try:
-            results = msgspec.json.decode(self.spool.read_bytes(), type=list[Result])
-        except (OSError, msgspec.DecodeError) as exc:
-            log.error("spooled results unreadable; ignored %s", fields(path=self.spool, error=exc))
-            return
-        self.pending.update((r.lease_id, r) for r in results)
-        self.due.update((r.lease_id, 0.0) for r in results)
-        log.info("spooled results to re-send %s", fields(count=len(results), path=self.spool))
-
-    def _save_spool(self) -> None:
         if self.spool is None:
             return
-        try:
-            if not self.pending:
-                self.spool.unlink(missing_ok=True)
-                return
-            self.spool.parent.mkdir(parents=True, exist_ok=True)
-            tmp = self.spool.with_suffix(".tmp")
-            tmp.write_bytes(msgspec.json.encode(list(self.pending.values())))
-            os.replace(tmp, self.spool)
-        except OSError as exc:
-            log.error("cannot write the result spool %s", fields(path=self.spool, error=exc.strerror))
+        results = self.spool.load()
+        self.pending.update((r.lease_id, r) for r in results)
+        self.due.update((r.lease_id, 0.0) for r in results)
+        if results:
+            log.info("spooled results to re-send %s", fields(count=len(results), path=self.spool.path))
 
 
 async def serve(cfg: WorkerConfig) -> int:

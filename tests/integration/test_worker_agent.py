@@ -23,6 +23,7 @@ from dtfd.worker import config
 from dtfd.worker.agent import BATCH_BYTES, CARRY_BYTES, Agent
 from dtfd.worker.client import Client
 from dtfd.worker.runner import Result
+from dtfd.worker.spool import Spool
 from tests.integration.fake_coordinator import TOKEN, FakeCoordinator
 from tests.integration.test_workload import _until
 
@@ -281,19 +282,57 @@ async def test_unacknowledged_results_are_spooled_and_resent_by_the_next_worker(
         async with running_agent(tmp_path, [front.url], drain_timeout_s=5.0) as (agent, stop):
             task_id = fake.submit([PY, "-c", "print('spooled')"])
             await wait_for(lambda: agent.pending, fake)
-        assert (tmp_path / "work" / "results-w1.json").exists()
+        assert b"spooled" in (tmp_path / "work" / "results-w1.jsonl").read_bytes()
         assert task_id not in fake.results
         front.failing.clear()
         async with running_agent(tmp_path, [front.url]):
             await wait_for(lambda: task_id in fake.results, fake)
         nursery.cancel_scope.cancel()
     assert fake.results[task_id]["output_tail"] == "spooled\n"
-    assert not (tmp_path / "work" / "results-w1.json").exists()
+    assert Spool(tmp_path / "work" / "results-w1.jsonl").load() == []
 
 
 def _worker_command() -> list[str]:
     script = shutil.which("dtf-worker") or str(Path(sys.executable).parent / "dtf-worker")
     return [script]
+
+
+async def test_a_result_spooled_before_kill_9_is_sent_once_by_the_restarted_worker(tmp_path):
+    """The spool outlives a SIGKILL of the worker: the next one sends the result once, and the one after that not at all."""
+    fake = FakeCoordinator()
+    async with trio.open_nursery() as nursery:
+        front = await fake.listen(nursery)
+        write_config(tmp_path, [front.url])
+        marker = tmp_path / "go"
+        task_id = fake.submit([PY, "-c", waits_for(marker, then="print('spooled')")])
+        with open(tmp_path / "worker.log", "wb") as stderr:
+            proc = await trio.lowlevel.open_process([*_worker_command(), "--config", str(tmp_path / "worker.toml")], stderr=stderr)
+            try:
+                await wait_for(lambda: fake.tasks[task_id].state == "running", fake)
+                lease_id = fake.tasks[task_id].lease_id
+                front.failing.update(results=503, lease=503)  # the result can be spooled, not delivered
+                marker.touch()
+                await wait_for(lambda: fake.result_posts(lease_id) >= 1, fake)
+                proc.kill()
+                await proc.wait()
+            finally:
+                if proc.returncode is None:
+                    proc.kill()
+        assert b"spooled" in (tmp_path / "work" / "results-w1.jsonl").read_bytes()
+        front.failing.clear()
+        sent_before = fake.result_posts(lease_id)
+        async with running_agent(tmp_path, [front.url]) as (agent, _):
+            await wait_for(lambda: task_id in fake.results and not agent.pending, fake)
+            heartbeats = fake.count("heartbeat")
+            await wait_for(lambda: fake.count("heartbeat") >= heartbeats + 2, fake)
+        assert fake.result_posts(lease_id) == sent_before + 1
+        async with running_agent(tmp_path, [front.url]) as (agent, _):
+            heartbeats = fake.count("heartbeat")
+            await wait_for(lambda: fake.count("heartbeat") >= heartbeats + 2, fake)
+            assert not agent.pending
+        assert fake.result_posts(lease_id) == sent_before + 1
+        nursery.cancel_scope.cancel()
+    assert (fake.results[task_id]["status"], fake.results[task_id]["output_tail"]) == ("succeeded", "spooled\n")
 
 
 async def sigterm_worker(tmp_path: Path, fake: FakeCoordinator, started: Callable[[], object], env: dict | None = None) -> tuple[int, list]:
