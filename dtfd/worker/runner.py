@@ -3,14 +3,17 @@
 Every task gets `start_new_session=True`, so a timeout or a cancel signals the whole
 group (children and grandchildren included): SIGTERM first, SIGKILL after the grace
 period. Whatever a finished task left behind in its group is ended the same way, so no
-task outlives its result. Peak RSS and CPU time cover the whole process tree, sampled
-with psutil (a lower bound: work done between the last sample and exit is missed).
+task outlives its result. Peak RSS and CPU time cover the whole process tree: psutil
+samples it every `sample_interval_s` while it runs, and the rusage wait4 gives when the
+task's process is reaped adds what it and every descendant it waited for used up to
+their exit (so a task shorter than one interval, never sampled, is still measured).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import resource
 import shutil
 import signal
 import subprocess
@@ -31,6 +34,7 @@ BASE_ENV_KEYS = ("PATH", "HOME", "LANG", "LC_ALL", "TZ", "USER", "LOGNAME", "TMP
 DEFAULT_PATH = "/usr/local/bin:/usr/bin:/bin"
 OUTPUT_EOF_WAIT_S = 1.0  # after the group is gone: a process that left it may still hold the pipe
 GROUP_POLL_S = 0.05
+REAP_POLL_S = 0.05  # only where pidfd_open(2) is missing (Linux < 5.3)
 
 
 class TaskSpec(msgspec.Struct, kw_only=True):
@@ -92,11 +96,17 @@ class Tail:
 
 
 class Usage:
-    """Peak RSS and CPU time of a process tree, from periodic samples."""
+    """Peak RSS and CPU time of a process tree: the largest of periodic samples and of the rusage at reaping."""
 
     def __init__(self) -> None:
         self.peak_rss_bytes = 0
         self.cpu_s = 0.0
+
+    def reaped(self, rusage: resource.struct_rusage) -> None:
+        """wait4's rusage: the process and its waited-for descendants, to their exit; ru_maxrss
+        (KiB) is the largest single one of them, where a sample adds up the tree at one moment."""
+        self.peak_rss_bytes = max(self.peak_rss_bytes, rusage.ru_maxrss * 1024)
+        self.cpu_s = max(self.cpu_s, rusage.ru_utime + rusage.ru_stime)
 
     def sample(self, pid: int) -> None:
         try:
@@ -191,7 +201,56 @@ def signal_group(pgid: int, signum: int) -> None:
         pass
 
 
-async def end_group(process: trio.Process, grace_s: float) -> None:
+class Child:
+    """A task's process, started on the event loop (vfork: back once the child has exec'd,
+    ~0.2 ms, where trio.lowlevel.open_process hands Popen to a thread and back) and reaped
+    with wait4 for its rusage, through a pidfd the event loop watches."""
+
+    def __init__(self, argv: list[str], cwd: Path, env: dict[str, str]) -> None:
+        """Raises OSError when the command cannot be started."""
+        read, write = os.pipe()
+        try:
+            self._popen = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=write, stderr=write, cwd=cwd, env=env, start_new_session=True)
+        except BaseException:
+            os.close(read)
+            raise
+        finally:
+            os.close(write)
+        self.pid = self._popen.pid
+        self.output = trio.lowlevel.FdStream(read)
+        self.returncode: int | None = None
+        self.rusage: resource.struct_rusage | None = None
+        try:
+            self._pidfd: int | None = os.pidfd_open(self.pid)
+        except OSError:
+            self._pidfd = None
+
+    async def wait(self) -> int:
+        while self.returncode is None:
+            if self._pidfd is not None:
+                await trio.lowlevel.wait_readable(self._pidfd)
+            pid, status, rusage = os.wait4(self.pid, os.WNOHANG)
+            if pid:
+                # Popen's own record too: one unreaped at garbage collection is reaped by subprocess later
+                self.returncode = self._popen.returncode = os.waitstatus_to_exitcode(status)
+                self.rusage = rusage
+                self._close_pidfd()
+            elif self._pidfd is None:
+                await trio.sleep(REAP_POLL_S)
+        return self.returncode
+
+    async def aclose(self) -> None:
+        self._close_pidfd()
+        await self.output.aclose()
+
+    def _close_pidfd(self) -> None:
+        if self._pidfd is not None:
+            trio.lowlevel.notify_closing(self._pidfd)
+            os.close(self._pidfd)
+            self._pidfd = None
+
+
+async def end_group(process: Child, grace_s: float) -> None:
     """SIGTERM the task's group, wait up to the grace period for it to go, then SIGKILL and see it gone."""
     pgid = process.pid
     signal_group(pgid, signal.SIGTERM)
@@ -204,6 +263,14 @@ async def end_group(process: trio.Process, grace_s: float) -> None:
     with trio.move_on_after(grace_s):  # SIGKILLed processes still take a moment to exit
         while group_alive(pgid):
             await trio.sleep(GROUP_POLL_S)
+
+
+async def remove(directory: Path) -> None:
+    """An empty directory at once; one with files in a thread (it may hold a whole build)."""
+    try:
+        os.rmdir(directory)
+    except OSError:
+        await trio.to_thread.run_sync(shutil.rmtree, directory, True)
 
 
 def _signal_name(signum: int) -> str:
@@ -247,7 +314,7 @@ class TaskRun:
             result = await self._execute(argv, cwd)
         finally:
             if temporary:
-                await trio.to_thread.run_sync(shutil.rmtree, cwd, True)
+                await remove(cwd)
         log.info(
             "task finished %s",
             self.context + " " + fields(status=result.status, exit_code=result.exit_code, duration_s=f"{result.duration_s:.3f}"),
@@ -272,22 +339,14 @@ class TaskRun:
         spec, settings = self.spec, self.settings
         started = trio.current_time()
         try:
-            process = await trio.lowlevel.open_process(
-                argv,
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                cwd=cwd,
-                env=environment(spec, self.task_id, self.lease_id, self.attempt),
-                start_new_session=True,
-            )
+            process = Child(argv, cwd, environment(spec, self.task_id, self.lease_id, self.attempt))
         except OSError as exc:
             return self._result("error", reason=f"cannot run {argv[0]!r}: {exc.strerror or exc}")
         log.info("task started %s", self.context + " " + fields(pid=process.pid, command=argv[0]))
         output, usage = Tail(settings.output_cap_bytes), Usage()
         try:
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(output.collect, process.stdout)
+                nursery.start_soon(output.collect, process.output)
                 nursery.start_soon(self._sample, process, usage)
                 with trio.move_on_after(spec.timeout_s):
                     with self._waiting:
@@ -301,8 +360,9 @@ class TaskRun:
         finally:
             if process.returncode is None:  # cancelled from outside: leave nothing running
                 signal_group(process.pid, signal.SIGKILL)
-            assert process.stdout is not None
-            await process.stdout.aclose()
+            await process.aclose()
+        assert process.returncode is not None and process.rusage is not None
+        usage.reaped(process.rusage)
         if ended_by_us:
             status, reason = self.stopped or ("timed_out", f"timed out after {spec.timeout_s:g}s; process group ended")
         elif process.returncode == 0:
@@ -328,7 +388,10 @@ class TaskRun:
             junit=cases,
         )
 
-    async def _sample(self, process: trio.Process, usage: Usage) -> None:
-        while process.returncode is None:
-            usage.sample(process.pid)
+    async def _sample(self, process: Child, usage: Usage) -> None:
+        """From one interval in: a shorter task is measured by its rusage alone."""
+        while True:
             await trio.sleep(self.settings.sample_interval_s)
+            if process.returncode is not None:
+                return
+            usage.sample(process.pid)

@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+import msgspec
 import psutil
 import pytest
 import trio
@@ -126,10 +127,11 @@ async def test_a_task_env_cannot_override_what_the_worker_sets(tmp_path):
 
 
 async def test_empty_cwd_is_a_fresh_directory_removed_afterwards(tmp_path):
-    result = await _run(tmp_path, [PY, "-c", "import os; open('f', 'w'); print(os.getcwd())"]).run()
-    cwd = Path(result.output_tail.strip())
-    assert cwd.parent == tmp_path / "work" and cwd.name.startswith("task-t1-")
-    assert not cwd.exists()
+    for script in ("import os; open('f', 'w'); os.mkdir('d'); open('d/g', 'w'); print(os.getcwd())", "import os; print(os.getcwd())"):
+        result = await _run(tmp_path, [PY, "-c", script]).run()
+        cwd = Path(result.output_tail.strip())
+        assert cwd.parent == tmp_path / "work" and cwd.name.startswith("task-t1-")
+        assert not cwd.exists()
 
 
 async def test_missing_cwd_is_an_error(tmp_path):
@@ -160,6 +162,18 @@ async def test_peak_rss_and_cpu_time_cover_the_process_tree(tmp_path):
     assert result.status == "succeeded"
     assert result.peak_rss_bytes > 150 << 20
     assert result.cpu_s > 0.3
+
+
+async def test_a_task_shorter_than_one_sample_is_measured_at_reaping(tmp_path):
+    """No psutil sample is taken within the first interval: wait4's rusage covers the task and the child it waited for."""
+    work = "x = bytearray(80 << 20); import time; t = time.process_time()\nwhile time.process_time() - t < 0.1: pass"
+    script = f"import subprocess, sys; subprocess.run([sys.executable, '-c', {work!r}], check=True)"
+    run = _run(tmp_path, [PY, "-c", script])
+    run.settings = msgspec.structs.replace(run.settings, sample_interval_s=3600.0)
+    result = await run.run()
+    assert result.status == "succeeded"
+    assert result.peak_rss_bytes > 80 << 20
+    assert result.cpu_s > 0.1
 
 
 JUNIT = """<?xml version="1.0"?>
