@@ -253,6 +253,8 @@ class Child:
 async def end_group(process: Child, grace_s: float) -> None:
     """SIGTERM the task's group, wait up to the grace period for it to go, then SIGKILL and see it gone."""
     pgid = process.pid
+    if process.returncode is not None and not group_alive(pgid):
+        return  # the usual end: the task exited and left nothing behind
     signal_group(pgid, signal.SIGTERM)
     with trio.move_on_after(grace_s):
         await process.wait()
@@ -324,12 +326,16 @@ class TaskRun:
     def _cwd(self) -> tuple[Path, bool]:
         """The task's directory, and whether it is a fresh one to remove afterwards."""
         work_dir = self.settings.work_dir
-        try:
-            work_dir.mkdir(parents=True, exist_ok=True)
-            if not self.spec.cwd:
-                return Path(tempfile.mkdtemp(prefix=f"task-{self.task_id}-", dir=work_dir)), True
-        except OSError as exc:
-            raise CannotRun(f"cannot create a directory under {work_dir}: {exc.strerror}") from None
+        if not self.spec.cwd:
+            prefix = f"task-{self.task_id}-"
+            try:
+                try:
+                    return Path(tempfile.mkdtemp(prefix=prefix, dir=work_dir)), True
+                except FileNotFoundError:  # the first task, or work_dir was removed
+                    work_dir.mkdir(parents=True, exist_ok=True)
+                    return Path(tempfile.mkdtemp(prefix=prefix, dir=work_dir)), True
+            except OSError as exc:
+                raise CannotRun(f"cannot create a directory under {work_dir}: {exc.strerror}") from None
         cwd = work_dir / self.spec.cwd  # an absolute cwd stays absolute
         if not cwd.is_dir():
             raise CannotRun(f"cwd {str(cwd)!r} is not a directory")
@@ -354,8 +360,9 @@ class TaskRun:
                 ended_by_us = process.returncode is None
                 await end_group(process, settings.kill_grace_s)
                 duration_s = trio.current_time() - started
-                with trio.move_on_after(OUTPUT_EOF_WAIT_S):
-                    await output.closed.wait()
+                if not output.closed.is_set():
+                    with trio.move_on_after(OUTPUT_EOF_WAIT_S):
+                        await output.closed.wait()
                 nursery.cancel_scope.cancel()
         finally:
             if process.returncode is None:  # cancelled from outside: leave nothing running
