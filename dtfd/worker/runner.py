@@ -109,31 +109,41 @@ class Usage:
         self.cpu_s = max(self.cpu_s, rusage.ru_utime + rusage.ru_stime)
 
     def sample(self, pid: int) -> None:
+        """One read of /proc/PID/stat per process: a quarter of what psutil's Process, memory_info
+        and cpu_times cost (0.08 ms a process), five times a second for every running task."""
         try:
-            tree = [psutil.Process(p) for p in process_tree(pid)]
+            tree = process_tree(pid)
         except psutil.Error:
             return
-        rss, cpu = 0, 0.0
-        for process in tree:
+        rss, ticks = 0, 0
+        for member in tree:
             try:
-                with process.oneshot():
-                    rss += process.memory_info().rss
-                    times = process.cpu_times()
-            except psutil.Error:
+                fd = os.open(f"/proc/{member}/stat", os.O_RDONLY)
+            except OSError:
                 continue
-            # children_*: descendants already reaped by their parent in the tree
-            cpu += times.user + times.system + times.children_user + times.children_system
+            try:
+                stat = os.read(fd, 4096)
+            except OSError:
+                continue
+            finally:
+                os.close(fd)
+            fields = stat[stat.rfind(b")") + 2 :].split()  # after "pid (comm) ", comm may hold anything
+            # utime, stime, and cutime, cstime: descendants already reaped by their parent in the tree
+            ticks += int(fields[11]) + int(fields[12]) + int(fields[13]) + int(fields[14])
+            rss += int(fields[21]) * _PAGE_BYTES
         self.peak_rss_bytes = max(self.peak_rss_bytes, rss)
-        self.cpu_s = max(self.cpu_s, cpu)
+        self.cpu_s = max(self.cpu_s, ticks / _TICKS_PER_S)
 
 
-_OWN_CHILDREN = f"/proc/{os.getpid()}/task/{os.getpid()}/children"
+_PROC_CHILDREN = os.path.exists(f"/proc/{os.getpid()}/task/{os.getpid()}/children")  # not without CONFIG_PROC_CHILDREN
+_TICKS_PER_S = os.sysconf("SC_CLK_TCK")
+_PAGE_BYTES = os.sysconf("SC_PAGE_SIZE")
 
 
 def process_tree(pid: int) -> list[int]:
     """`pid` and its descendants. Through /proc/PID/task/TID/children the walk reads only the
     tree; psutil's children() reads every process on the machine, milliseconds per sample."""
-    if not os.path.exists(_OWN_CHILDREN):  # a kernel without CONFIG_PROC_CHILDREN
+    if not _PROC_CHILDREN:
         root = psutil.Process(pid)
         return [pid, *(child.pid for child in root.children(recursive=True))]
     tree, frontier = [pid], [pid]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -14,7 +15,7 @@ import psutil
 import pytest
 import trio
 
-from dtfd.worker.runner import Settings, TaskRun, TaskSpec, process_tree
+from dtfd.worker.runner import Settings, TaskRun, TaskSpec, Usage, process_tree
 
 pytestmark = pytest.mark.integration
 PY = sys.executable
@@ -250,6 +251,27 @@ def test_process_tree_walks_only_the_tree_and_finds_grandchildren():
             time.sleep(0.02)
         expected = {shell.pid, *(child.pid for child in psutil.Process(shell.pid).children(recursive=True))}
         assert set(process_tree(shell.pid)) == expected
+    finally:
+        os.killpg(shell.pid, signal.SIGKILL)
+        shell.wait()
+
+
+def test_a_sample_reads_what_psutil_reads_even_for_odd_command_names(tmp_path):
+    odd = tmp_path / "a) (b c"
+    shutil.copy("/bin/sleep", odd)
+    shell = subprocess.Popen(["sh", "-c", f"'{odd}' 30 & sleep 30 & wait"], start_new_session=True)
+    try:
+        deadline = time.monotonic() + 10
+        while len(psutil.Process(shell.pid).children(recursive=True)) < 2:
+            assert time.monotonic() < deadline, "the shell never started its children"
+            time.sleep(0.02)
+        time.sleep(0.3)  # done exec'ing: their memory holds still
+        tree = [psutil.Process(pid) for pid in process_tree(shell.pid)]
+        usage = Usage()
+        usage.sample(shell.pid)
+        expected = sum(process.memory_info().rss for process in tree)
+        assert abs(usage.peak_rss_bytes - expected) < expected / 10
+        assert usage.cpu_s == pytest.approx(sum(sum(process.cpu_times()) for process in tree), abs=0.05)
     finally:
         os.killpg(shell.pid, signal.SIGKILL)
         shell.wait()
