@@ -270,7 +270,7 @@ def test_a_sample_reads_what_psutil_reads_even_for_odd_command_names(tmp_path):
         usage = Usage()
         usage.sample(shell.pid)
         expected = sum(process.memory_info().rss for process in tree)
-        assert abs(usage.peak_rss_bytes - expected) < expected / 10
+        assert abs(usage.peak_rss_bytes - expected) < expected / 50  # /proc/PID/stat's rss was 10% off
         assert usage.cpu_s == pytest.approx(sum(sum(process.cpu_times()) for process in tree), abs=0.05)
     finally:
         os.killpg(shell.pid, signal.SIGKILL)
