@@ -3,10 +3,10 @@
 Every task gets `start_new_session=True`, so a timeout or a cancel signals the whole
 group (children and grandchildren included): SIGTERM first, SIGKILL after the grace
 period. Whatever a finished task left behind in its group is ended the same way, so no
-task outlives its result. Peak RSS and CPU time cover the whole process tree: psutil
-samples it every `sample_interval_s` while it runs, and the rusage wait4 gives when the
-task's process is reaped adds what it and every descendant it waited for used up to
-their exit (so a task shorter than one interval, never sampled, is still measured).
+task outlives its result. Peak RSS and CPU time cover the whole process tree: it is
+sampled from /proc every `sample_interval_s` while it runs, and the rusage wait4 gives
+when the task's process is reaped adds what it and every descendant it waited for used
+up to their exit (so a task shorter than one interval, never sampled, is still measured).
 """
 
 from __future__ import annotations
@@ -110,7 +110,7 @@ class Usage:
 
     def sample(self, pid: int) -> None:
         """Reads /proc/PID/stat (CPU) and statm (RSS, exact there: stat's is the kernel's cheap
-        estimate) per process: half of what psutil's Process, memory_info and cpu_times cost,
+        estimate) per process: under half of what psutil's Process, memory_info and cpu_times cost,
         five times a second for every running task."""
         try:
             tree = process_tree(pid)
