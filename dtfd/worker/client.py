@@ -110,8 +110,8 @@ class _Connection:
                 reader.parser.feed_data(data)
         except (OSError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             raise _Broken(f"{type(exc).__name__} {exc}".strip()) from None
-        except httptools.HttpParserError as exc:
-            raise _Broken(f"malformed answer: {exc}") from None
+        except (httptools.HttpParserError, httptools.HttpParserUpgrade) as exc:
+            raise _Broken(f"not an HTTP answer: {type(exc).__name__} {exc}".strip()) from None
         return reader.response
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ssl
 from collections.abc import Awaitable, Callable
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -143,4 +144,24 @@ async def test_tls_with_the_configured_ca_and_refused_without_it(tmp_path: Path)
         async with Client([node.url], "secret") as untrusting:
             with pytest.raises(Unavailable, match="TLS handshake failed"):
                 await untrusting.call("POST", "/v1/results", {}, deadline_s=0.5)
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_node_that_does_not_answer_http_is_skipped():
+    async def raw(answer: bytes, stream: trio.abc.Stream) -> None:
+        await stream.receive_some(65536)
+        await stream.send_all(answer)
+        await trio.sleep_forever()
+
+    async with trio.open_nursery() as nursery:
+        urls = []
+        for answer in (b"SSH-2.0-OpenSSH_9.2\r\n", b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: h2c\r\nConnection: Upgrade\r\n\r\n"):
+            listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+            urls.append(f"http://127.0.0.1:{listeners[0].socket.getsockname()[1]}")
+            nursery.start_soon(trio.serve_listeners, partial(raw, answer), listeners)
+        good = await Node(echo).start(nursery)
+        async with Client([*urls, good.url], "secret", request_timeout_s=1.0) as client:
+            with trio.fail_after(3):
+                assert (await client.call("POST", "/v1/results", {}, deadline_s=5))["path"] == "/v1/results"
+            assert client.current == 2
         nursery.cancel_scope.cancel()
