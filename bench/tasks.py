@@ -240,7 +240,7 @@ def main() -> None:
         rows = [measure(cluster, "steady", total, args.batch)]
         print(f"  steady: {rows[0].per_s:,.0f} tasks/s", flush=True)
         if spy is not None:
-            print_profile(spy, directory / f"{profiled}.raw", f"py-spy on {args.profile} {profiled} during the first run, 200 Hz")
+            print_profile(spy, directory / f"{profiled}.raw", f"py-spy on {args.profile} {profiled} during the first run, 200 Hz, samples holding the GIL")
         batches = -(-total // args.batch)
         rows.append(measure(cluster, "leader-kill", total, args.batch, kill_leader_at(cluster, batches // 2 + 1)))
         print_table(rows, args.workers, args.slots, args.batch)
