@@ -157,15 +157,18 @@ class Raft:
             self.config, heartbeat=heartbeat, election_min=election_min, election_max=election_max
         )
 
-    def compact(self, index: int, data: bytes) -> Snapshot:
-        """Take the state machine's image at an applied index and drop the log behind it."""
+    def compact(self, index: int, data: bytes, digest: str = "") -> Snapshot:
+        """Take the state machine's image at an applied index and drop the log behind it.
+
+        `digest` is the image's SHA-256 if the driver has it (hashed off its event loop).
+        """
         term = self.log.term(index)
         self.log.compact(index)
         meta = SnapshotMeta(
             index=index,
             term=term or 0,
             conf=ConfState(self.voters, self.learners),
-            digest=hashlib.sha256(data).hexdigest(),
+            digest=digest or hashlib.sha256(data).hexdigest(),
             size=len(data),
         )
         self.snapshot = Snapshot(meta, data)

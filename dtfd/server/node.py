@@ -53,7 +53,7 @@ class Unavailable(Exception):
 @dataclass
 class Timing:
     tick_s: float
-    snapshot_every: int  # compact the log after this many applied entries (more for a big state: ENCODE_BYTES_PER_ENTRY)
+    snapshot_every: int  # compact the log after this many applied entries (at a checkpoint, for a big state)
     checksum_every: int = 1000  # checkpoints (index, state checksum) at multiples of this index; see checkpoint_stride()
 
 
@@ -87,10 +87,9 @@ class Node:
         persisted = storage.load()
         self.core = Raft(raft_config, persisted)
         self.machine = StateMachine()
-        self._checkpoint_stride = timing.checksum_every
+        self._sized(len(persisted.snapshot.data) if persisted.snapshot else 0)
         if persisted.snapshot:
             self.machine.restore(persisted.snapshot.data)
-            self._checkpoint_stride = checkpoint_stride(timing.checksum_every, len(persisted.snapshot.data))
         self._wake = trio.Event()
         self.placement = PersistPlacement()
         self._applied_event = trio.Event()
@@ -101,6 +100,7 @@ class Node:
         self._checksum_due = 0.0  # monotonic: when the state may be encoded again for a checksum
         self.checkpoints: deque[tuple[int, str]] = deque(maxlen=CHECKPOINTS_KEPT)
         self._unhashed: list[tuple[int, bytes]] = []  # checkpoints encoded, not yet hashed
+        self._checkpointed: tuple[int, bytes] | None = None  # one taken since the last compaction check: it may compact for free
         self._hash_wake = trio.Event()
         self._compactions: list[trio.Event] = []  # compactions asked for, done between two Readys
         self.started = time.monotonic()
@@ -262,7 +262,7 @@ class Node:
     def _apply(self, rd: Ready) -> None:
         if rd.snapshot:
             self.machine.restore(rd.snapshot.data)
-            self._checkpoint_stride = checkpoint_stride(self.timing.checksum_every, len(rd.snapshot.data))
+            self._sized(len(rd.snapshot.data))
             log.info("snapshot installed %s", fields(node=self.id, index=rd.snapshot.meta.index))
             self._checkpoint()
         for entry in rd.committed:
@@ -289,15 +289,28 @@ class Node:
                 read.event.set()
 
     async def _maybe_compact(self, asked: bool = False) -> None:
-        applied = self.machine.applied
+        """Compact when asked, else after snapshot_every entries: at a checkpoint taken since
+        the last call, whose image is already encoded, or else at the applied index.
+
+        A big state is compacted at the applied index only after twice its size /
+        ENCODE_BYTES_PER_ENTRY entries, more than the checkpoint stride: a checkpoint comes
+        first, and the state is encoded once for both. The image is hashed off the loop.
+        """
+        applied, snapshot_index = self.machine.applied, self.core.log.snapshot_index
         waiting, self._compactions = (self._compactions, []) if asked else ([], self._compactions)
-        last_size = self.core.snapshot.meta.size if self.core.snapshot else 0
-        every = max(self.timing.snapshot_every, last_size // ENCODE_BYTES_PER_ENTRY)
-        due = asked or applied - self.core.log.snapshot_index >= every
-        if due and self.core.log.snapshot_index < applied <= self.core.log.applied:
-            snapshot = self.core.compact(applied, self.machine.snapshot())
-            await trio.to_thread.run_sync(self.storage.compact, snapshot)
-            log.info("log compacted %s", fields(node=self.id, index=applied, bytes=len(snapshot.data), asked=asked))
+        checkpointed, self._checkpointed = self._checkpointed, None
+        patience = max(self.timing.snapshot_every, 2 * self._state_size // ENCODE_BYTES_PER_ENTRY)
+        index, image = 0, b""
+        if not asked and checkpointed and checkpointed[0] - snapshot_index >= self.timing.snapshot_every:
+            index, image = checkpointed
+        elif (asked or applied - snapshot_index >= patience) and snapshot_index < applied <= self.core.log.applied:
+            index, image = applied, self.machine.snapshot()
+        if index:
+            digest = await trio.to_thread.run_sync(_sha256, image)
+            if self.core.log.snapshot_index < index and self.core.log.term(index) is not None:  # no snapshot came meanwhile
+                snapshot = self.core.compact(index, image, digest)
+                await trio.to_thread.run_sync(self.storage.compact, snapshot)
+                log.info("log compacted %s", fields(node=self.id, index=index, bytes=len(snapshot.data), asked=asked))
         for event in waiting:
             event.set()
 
@@ -310,9 +323,15 @@ class Node:
         index = self.machine.applied
         if index % self._checkpoint_stride == 0:
             data = self.machine.snapshot()
-            self._checkpoint_stride = checkpoint_stride(self.timing.checksum_every, len(data))
+            self._sized(len(data))
             self._unhashed = [*self._unhashed, (index, data)][-CHECKPOINTS_KEPT:]
+            self._checkpointed = (index, data)
             self._hash_wake.set()
+
+    def _sized(self, size: int) -> None:
+        """The state's encoded size at a checkpoint or a restored snapshot, alike on every node at that index."""
+        self._state_size = size
+        self._checkpoint_stride = checkpoint_stride(self.timing.checksum_every, size)
 
     async def _hash_checkpoints(self) -> None:
         while True:

@@ -11,6 +11,7 @@ import pytest
 import trio
 
 from dtfd.raft import Config as RaftConfig
+from dtfd.server import node as node_module
 from dtfd.server.node import ENCODE_BYTES_PER_ENTRY, Node, Timing, checkpoint_stride
 from dtfd.state import machine as machine_module
 from dtfd.state.machine import Envelope, Image, Put
@@ -94,3 +95,40 @@ def test_a_node_that_restored_a_snapshot_meets_the_others_at_a_shared_checkpoint
     assert shared, "they never checkpoint at the same index"
     assert [i for i in old if i >= shared[0]] == [i for i in new if i >= shared[0]]
     assert len(old) < last // EVERY / 10, "a big state is not encoded at every multiple"
+
+
+class RecordingStorage(MemoryStorage):
+    """Memory storage that notes the index of every compaction."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.compacted: list[int] = []
+
+    def compact(self, snapshot) -> None:
+        self.compacted.append(snapshot.meta.index)
+        super().compact(snapshot)
+
+
+async def test_a_big_state_is_compacted_at_its_checkpoints_and_encoded_once_for_both(encodes, monkeypatch) -> None:
+    """With a budget of 16 bytes an entry, a few hundred bytes of state are a big state."""
+    monkeypatch.setattr(node_module, "ENCODE_BYTES_PER_ENTRY", 16)
+    config = RaftConfig(id="n1", voters=("n1",), rng=random.Random(1), election_min=3, election_max=6, heartbeat=1)
+    storage = RecordingStorage()
+    node = Node(config, storage, Timing(tick_s=0.01, snapshot_every=EVERY, checksum_every=EVERY), send=lambda m: None)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(node.run)
+        with trio.fail_after(20):
+            while not node.is_leader:
+                await trio.sleep(0.01)
+            seq = 0
+            while len(storage.compacted) < 3:
+                seq += 1
+                await node.propose(Envelope("c", seq, 0.0, Put(f"k{seq}", "v" * 20)))
+            while not node.checkpoints or node.checkpoints[-1][0] < storage.compacted[-1]:
+                await trio.sleep(0.01)
+        nursery.cancel_scope.cancel()
+    checkpointed = {index for index, _ in node.checkpoints}
+    assert set(storage.compacted[-3:]) <= checkpointed, f"compacted at {storage.compacted}, checkpoints {checkpointed}"
+    assert max(encodes.images.values()) == 1
+    strides = [b - a for a, b in zip(storage.compacted, storage.compacted[1:])]
+    assert strides[-1] > EVERY, "a big state is encoded less often than every checksum_every entries"
