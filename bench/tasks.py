@@ -1,6 +1,6 @@
 """Tasks/s end to end: no-op tasks through 3 dtfd nodes (fsync on) and real dtf-workers.
 
-    .venv/bin/python bench/tasks.py [--quick] [--tasks N] [--batch B] [--workers W] [--slots S] [--profile [leader|worker]]
+    .venv/bin/python bench/tasks.py [--quick] [--tasks N] [--batch B] [--workers W] [--slots S] [--profile [leader|follower|worker]]
 
 Tasks (`true`) are submitted in batches (one POST /v1/tasks of `--batch` tasks, one
 replicated entry each), back to back from one client, while W workers with S slots each
@@ -12,7 +12,7 @@ through the election under one client id and seq, so none is applied twice.
 
 Every wait is bounded, every process started here is stopped on the way out (also on
 Ctrl-C or a failure), and the logs stay in the printed directory when something fails.
---profile samples the leader (or, with `--profile worker`, the first dtf-worker) with py-spy
+--profile samples the leader (or, with `--profile follower|worker`, a follower or the first dtf-worker) with py-spy
 during the first run and prints where its CPU goes.
 Nothing here fails on timing.
 """
@@ -126,6 +126,8 @@ def traffic(cluster: LocalCluster) -> collections.Counter[str]:
 def per_task(before: collections.Counter[str], after: collections.Counter[str], tasks: int) -> str:
     """What one task cost the cluster: requests by route, replicated entries, fsyncs on all nodes."""
     diff = {key: after[key] - before[key] for key in after}
+    if any(n < 0 for n in diff.values()):
+        return "per task: not known (a node restarted and its counters with it)"
     routes = ", ".join(f"{route} {n / tasks:.2f}" for route, n in sorted(diff.items()) if route.startswith("/") and n)
     return f"per task: {diff.get('entries', 0) / tasks:.2f} entries, {diff.get('fsyncs', 0) / tasks:.2f} fsyncs (3 nodes); requests {routes}"
 
@@ -221,7 +223,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=8)
     parser.add_argument("--slots", type=int, default=4, help="tasks each worker runs at once")
     parser.add_argument(
-        "--profile", nargs="?", const="leader", choices=("leader", "worker"), help="sample the leader (or worker w1) with py-spy during the first run"
+        "--profile", nargs="?", const="leader", choices=("leader", "follower", "worker"), help="sample the leader (or a follower, or worker w1) with py-spy during the first run"
     )
     args = parser.parse_args()
     total = args.tasks or (1000 if args.quick else 5000)
@@ -235,7 +237,9 @@ def main() -> None:
         for n in range(args.workers):
             cluster.start_worker(write_worker_config(cluster.files, f"w{n + 1}", slots=args.slots))
         until(lambda: len(call(cluster, "GET", "/v1/workers").json()["workers"]) == args.workers, what="workers registered")
-        profiled = (cluster.wait_leader() if args.profile == "leader" else "w1") if args.profile else ""
+        leader = cluster.wait_leader()
+        follower = next(node for node in cluster.files.node_ids if node != leader)
+        profiled = {"leader": leader, "follower": follower, "worker": "w1", None: ""}[args.profile]
         spy = start_profile(cluster, profiled, directory / f"{profiled}.raw") if profiled else None
         rows = [measure(cluster, "steady", total, args.batch)]
         print(f"  steady: {rows[0].per_s:,.0f} tasks/s", flush=True)
