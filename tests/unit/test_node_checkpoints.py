@@ -40,9 +40,13 @@ def encodes(monkeypatch) -> CountingEncoder:
     return counting
 
 
-async def test_a_checkpoint_a_compaction_and_the_status_at_one_index_encode_the_state_once(encodes) -> None:
+def single_node(storage: MemoryStorage) -> Node:
     config = RaftConfig(id="n1", voters=("n1",), rng=random.Random(1), election_min=3, election_max=6, heartbeat=1)
-    node = Node(config, MemoryStorage(), Timing(tick_s=0.01, snapshot_every=EVERY, checksum_every=EVERY), send=lambda m: None)
+    return Node(config, storage, Timing(tick_s=0.01, snapshot_every=EVERY, checksum_every=EVERY), send=lambda m: None)
+
+
+async def test_a_checkpoint_a_compaction_and_the_status_at_one_index_encode_the_state_once(encodes) -> None:
+    node = single_node(MemoryStorage())
     async with trio.open_nursery() as nursery:
         nursery.start_soon(node.run)
         with trio.fail_after(10):
@@ -112,9 +116,8 @@ class RecordingStorage(MemoryStorage):
 async def test_a_big_state_is_compacted_at_its_checkpoints_and_encoded_once_for_both(encodes, monkeypatch) -> None:
     """With a budget of 16 bytes an entry, a few hundred bytes of state are a big state."""
     monkeypatch.setattr(node_module, "ENCODE_BYTES_PER_ENTRY", 16)
-    config = RaftConfig(id="n1", voters=("n1",), rng=random.Random(1), election_min=3, election_max=6, heartbeat=1)
     storage = RecordingStorage()
-    node = Node(config, storage, Timing(tick_s=0.01, snapshot_every=EVERY, checksum_every=EVERY), send=lambda m: None)
+    node = single_node(storage)
     async with trio.open_nursery() as nursery:
         nursery.start_soon(node.run)
         with trio.fail_after(20):
