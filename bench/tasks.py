@@ -132,6 +132,13 @@ def per_task(before: collections.Counter[str], after: collections.Counter[str], 
     return f"per task: {diff.get('entries', 0) / tasks:.2f} entries, {diff.get('fsyncs', 0) / tasks:.2f} fsyncs (3 nodes); requests {routes}"
 
 
+def node_ms(before: dict[tuple[str, int], float], after: dict[tuple[str, int], float], nodes: list[str], leader: str, tasks: int) -> str:
+    """CPU per task in each node (a restarted one from its restart)."""
+    ms = {name: 1000 * (used - before.get((name, pid), 0.0)) / tasks for (name, pid), used in after.items() if name in nodes}
+    followers = " ".join(f"{ms[n]:.2f}" for n in nodes if n != leader and n in ms)
+    return f"CPU ms per task: leader {ms.get(leader, 0):.2f}, followers {followers}"
+
+
 def submit_run(cluster: LocalCluster, run_id: str, total: int, batch: int, before_batch: Callable[[int], None]) -> None:
     """Submit `total` tasks in batches; `before_batch(seq)` may break things between two of them."""
     for seq, start in enumerate(range(0, total, batch), 1):
@@ -154,9 +161,12 @@ def tasks_of(cluster: LocalCluster, run_id: str) -> list[dict]:
 def measure(cluster: LocalCluster, name: str, total: int, batch: int, before_batch: Callable[[int], None] = lambda seq: None) -> Measured:
     cpu_before, workers_before, traffic_before, started = cpu_seconds(cluster), worker_cpu(cluster), traffic(cluster), time.monotonic()
     submit_run(cluster, name, total, batch, before_batch)
-    until(lambda: call(cluster, "GET", f"/v1/runs/{name}").json()["done"], timeout=60 + total / 20, what=f"run {name} done", interval=0.1)
+    # the rate comes from the task history, not from when this poll sees the run done: poll gently
+    until(lambda: call(cluster, "GET", f"/v1/runs/{name}").json()["done"], timeout=60 + total / 20, what=f"run {name} done", interval=0.5)
     elapsed = time.monotonic() - started
-    cpu = cpu_line(cpu_before, cpu_seconds(cluster), elapsed, cluster.files.node_ids, cluster.wait_leader())
+    cpu_after, leader = cpu_seconds(cluster), cluster.wait_leader()
+    cpu = cpu_line(cpu_before, cpu_after, elapsed, cluster.files.node_ids, leader)
+    print(f"  {name} {node_ms(cpu_before, cpu_after, cluster.files.node_ids, leader, total)}", flush=True)
     (own, ran), (own_before, ran_before) = worker_cpu(cluster), workers_before
     worker_ms = (1000 * (own - own_before) / total, 1000 * (ran - ran_before) / total)
     print(f"  {name} {per_task(traffic_before, traffic(cluster), total)}", flush=True)
