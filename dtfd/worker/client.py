@@ -35,6 +35,7 @@ BACKOFF_MIN_S = 0.1
 BACKOFF_MAX_S = 2.0
 RETRY_AFTER_MAX_S = 10.0
 RECEIVE_BYTES = 1 << 16
+MAX_ANSWER_BYTES = 64 << 20  # far above any lease answer; past it the node is treated as broken
 
 
 class ApiError(Exception):
@@ -68,12 +69,16 @@ class _Reader:
         self.parser = httptools.HttpResponseParser(self)
         self.response = Response()
         self.body: list[bytes] = []
+        self.size = 0
         self.complete = False
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self.response.headers[name.decode("latin-1").lower()] = value.decode("latin-1")
 
     def on_body(self, body: bytes) -> None:
+        self.size += len(body)
+        if self.size > MAX_ANSWER_BYTES:
+            raise _Broken(f"answer larger than {MAX_ANSWER_BYTES} bytes")
         self.body.append(body)
 
     def on_message_begin(self) -> None:
@@ -110,6 +115,10 @@ class _Connection:
                 reader.parser.feed_data(data)
         except (OSError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             raise _Broken(f"{type(exc).__name__} {exc}".strip()) from None
+        except httptools.HttpParserCallbackError as exc:
+            if isinstance(exc.__context__, _Broken):
+                raise exc.__context__ from None
+            raise _Broken(f"not an HTTP answer: {exc}") from None
         except (httptools.HttpParserError, httptools.HttpParserUpgrade) as exc:
             raise _Broken(f"not an HTTP answer: {type(exc).__name__} {exc}".strip()) from None
         return reader.response

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import ssl
 from collections.abc import Awaitable, Callable
 from functools import partial
@@ -11,6 +12,7 @@ import pytest
 import trio
 
 from dtfd.server import http
+from dtfd.worker import client as client_module
 from dtfd.worker.client import ApiError, Client, Unavailable
 
 Handler = Callable[[http.Request], Awaitable[http.Response]]
@@ -164,4 +166,26 @@ async def test_a_node_that_does_not_answer_http_is_skipped():
             with trio.fail_after(3):
                 assert (await client.call("POST", "/v1/results", {}, deadline_s=5))["path"] == "/v1/results"
             assert client.current == 2
+        nursery.cancel_scope.cancel()
+
+
+async def test_an_answer_over_the_size_cap_is_a_broken_node_not_a_memory_blowup(monkeypatch):
+    monkeypatch.setattr(client_module, "MAX_ANSWER_BYTES", 1000)
+
+    async def endless(stream: trio.abc.Stream) -> None:
+        await stream.receive_some(65536)
+        await stream.send_all(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 100000000\r\n\r\n")
+        with contextlib.suppress(trio.BrokenResourceError):  # until the client hangs up
+            while True:
+                await stream.send_all(b"x" * 4096)
+
+    async with trio.open_nursery() as nursery:
+        listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+        flood = f"http://127.0.0.1:{listeners[0].socket.getsockname()[1]}"
+        nursery.start_soon(trio.serve_listeners, endless, listeners)
+        good = await Node(echo).start(nursery)
+        async with Client([flood, good.url], "secret", request_timeout_s=5.0) as client:
+            with trio.fail_after(3):
+                assert (await client.call("POST", "/v1/results", {}, deadline_s=5))["path"] == "/v1/results"
+            assert client.current == 1
         nursery.cancel_scope.cancel()
