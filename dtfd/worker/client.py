@@ -73,13 +73,17 @@ class _Reader:
         self.complete = False
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        self._count(len(name) + len(value))
         self.response.headers[name.decode("latin-1").lower()] = value.decode("latin-1")
 
     def on_body(self, body: bytes) -> None:
-        self.size += len(body)
+        self._count(len(body))
+        self.body.append(body)
+
+    def _count(self, n: int) -> None:
+        self.size += n
         if self.size > MAX_ANSWER_BYTES:
             raise _Broken(f"answer larger than {MAX_ANSWER_BYTES} bytes")
-        self.body.append(body)
 
     def on_message_begin(self) -> None:
         if self.complete:  # bytes after the answer: the connection is not fit to reuse
