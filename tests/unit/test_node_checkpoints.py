@@ -4,18 +4,17 @@ indexes every node picks alike."""
 
 from __future__ import annotations
 
-import random
 from collections import Counter
 
 import pytest
 import trio
 
-from dtfd.raft import Config as RaftConfig
 from dtfd.server import node as node_module
-from dtfd.server.node import ENCODE_BYTES_PER_ENTRY, Node, Timing, checkpoint_stride
+from dtfd.server.node import ENCODE_BYTES_PER_ENTRY, checkpoint_stride
 from dtfd.state import machine as machine_module
 from dtfd.state.machine import Envelope, Image, Put
 from dtfd.storage.memory import MemoryStorage
+from tests.unit.nodes import single_node
 
 EVERY = 10
 
@@ -40,13 +39,8 @@ def encodes(monkeypatch) -> CountingEncoder:
     return counting
 
 
-def single_node(storage: MemoryStorage) -> Node:
-    config = RaftConfig(id="n1", voters=("n1",), rng=random.Random(1), election_min=3, election_max=6, heartbeat=1)
-    return Node(config, storage, Timing(tick_s=0.01, snapshot_every=EVERY, checksum_every=EVERY), send=lambda m: None)
-
-
 async def test_a_checkpoint_a_compaction_and_the_status_at_one_index_encode_the_state_once(encodes) -> None:
-    node = single_node(MemoryStorage())
+    node = single_node(MemoryStorage(), snapshot_every=EVERY, checksum_every=EVERY)
     async with trio.open_nursery() as nursery:
         nursery.start_soon(node.run)
         with trio.fail_after(10):
@@ -117,7 +111,7 @@ async def test_a_big_state_is_compacted_at_its_checkpoints_and_encoded_once_for_
     """With a budget of 16 bytes an entry, a few hundred bytes of state are a big state."""
     monkeypatch.setattr(node_module, "ENCODE_BYTES_PER_ENTRY", 16)
     storage = RecordingStorage()
-    node = single_node(storage)
+    node = single_node(storage, snapshot_every=EVERY, checksum_every=EVERY)
     async with trio.open_nursery() as nursery:
         nursery.start_soon(node.run)
         with trio.fail_after(20):

@@ -3,16 +3,15 @@ worker thread once it has been slow, so a stalled disk never freezes the node's 
 
 from __future__ import annotations
 
-import random
 import threading
 import time
 
 import trio
 
-from dtfd.raft import Config as RaftConfig
-from dtfd.server.node import Node, Timing
+from dtfd.server.node import Node
 from dtfd.state.machine import Envelope, Put
 from dtfd.storage.memory import MemoryStorage
+from tests.unit.nodes import single_node
 
 STALL_S = 0.3
 
@@ -30,11 +29,6 @@ class StallingDisk(MemoryStorage):
         if self.stalling:
             time.sleep(STALL_S)
         super().sync()
-
-
-def single_node(disk: StallingDisk) -> Node:
-    config = RaftConfig(id="n1", voters=("n1",), rng=random.Random(1), election_min=3, election_max=6, heartbeat=1)
-    return Node(config, disk, Timing(tick_s=0.01, snapshot_every=10_000), send=lambda messages: None)
 
 
 async def longest_gap(stop: trio.Event) -> float:
