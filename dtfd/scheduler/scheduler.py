@@ -98,32 +98,52 @@ class Scheduler:
         self.require_leader()
         self._last_seen[worker] = time.monotonic()
 
-    async def lease(self, worker: str, most: int, wait_s: float) -> list[dict]:
-        """Long-poll: leases for up to `most` tasks, waiting up to `wait_s` for any to appear."""
+    async def lease(self, worker: str, most: int, wait_s: float, report: t.ReportTasks | None = None) -> tuple[list[dict], Result | None]:
+        """Long-poll: leases for up to `most` tasks, waiting up to `wait_s` for any to appear.
+
+        The worker's `report` (starts and results) goes first, in the same Ready as the first
+        assignment, and the slots its results free count for it: one replication round for
+        both instead of one after the other. Its result comes back beside the leases.
+        """
         self.require_leader()
         self._last_seen[worker] = time.monotonic()
         deadline = trio.current_time() + min(max(wait_s, 0.0), self.policy.max_wait_s)
+        reported: Result | None = None
         while True:
-            picks = self._pick(worker, most)
-            if picks:
-                now = time.time()
-                assignments = [
-                    t.Assignment(task.id, uuid.uuid4().hex, now + task.spec.timeout_s + self.policy.lease_grace_s) for task in picks
-                ]
-                result = await self.propose(t.AssignTasks(worker, assignments))
-                if result.ok and result.value:
-                    specs = {task.id: task.spec for task in picks}
-                    return [dict(grant, spec=specs[grant["task_id"]]) for grant in result.value]
-                if not result.ok:
-                    return []
+            picks = self._pick(worker, most, freed=self._freed(worker, report))
+            now = time.time()
+            assign = t.AssignTasks(worker, [t.Assignment(task.id, uuid.uuid4().hex, now + task.spec.timeout_s + self.policy.lease_grace_s) for task in picks])
+            commands = [command for command in (report, assign if picks else None) if command is not None]
+            if commands:
+                results = await self.node.propose_all([Envelope("", 0, now, command) for command in commands])
+                if report is not None:
+                    reported, report = results[0], None
+                    self.wake()  # freed slots, requeued tasks: other pollers may find work
+                if picks:
+                    if results[-1].ok and results[-1].value:
+                        specs = {task.id: task.spec for task in picks}
+                        return [dict(grant, spec=specs[grant["task_id"]]) for grant in results[-1].value], reported
+                    if not results[-1].ok:
+                        return [], reported
             work = self._work
             with trio.move_on_at(deadline):
                 await work.wait()
             if trio.current_time() >= deadline:
-                return []
+                return [], reported
             self.require_leader()
 
-    def _pick(self, worker_id: str, most: int) -> list[t.Task]:
+    def _freed(self, worker_id: str, report: t.ReportTasks | None) -> int:
+        """Slots of `worker_id` that `report`'s results will free once applied."""
+        if report is None:
+            return 0
+        freed = 0
+        for result in report.finished:
+            task = self.workload.tasks.get(result.task_id)
+            lease = task.lease if task is not None else None
+            freed += task is not None and task.state in t.ACTIVE and lease is not None and lease.id == result.lease_id and lease.worker == worker_id
+        return freed
+
+    def _pick(self, worker_id: str, most: int, freed: int = 0) -> list[t.Task]:
         """Highest priority first; within it, the run with the fewest active tasks; then FIFO."""
         worker = self.workload.workers.get(worker_id)
         now = time.time()
@@ -131,7 +151,7 @@ class Scheduler:
         if worker is None or worker.state != "active" or not t.breaker_admits(worker.breaker, now, policy):
             return []
         queues = self.workload.queues
-        room = min(most, worker.slots - queues.active_per_worker[worker_id], 1 if worker.breaker.state != "closed" else most)
+        room = min(most, worker.slots - queues.active_per_worker[worker_id] + freed, 1 if worker.breaker.state != "closed" else most)
         if room <= 0:
             return []
         return queues.pick(self.workload.tasks, worker, room, now)

@@ -119,20 +119,35 @@ class Node:
 
     async def propose(self, envelope: Envelope, timeout: float = 5.0) -> Result:
         """Replicate one command and return its result once applied here."""
-        outcome = self.core.propose(encode_envelope(envelope))
-        self._raise_refusal(outcome)
-        assert isinstance(outcome, Proposed)
-        waiter = _Proposal(outcome.term, trio.Event())
-        self._proposals[outcome.last_index] = waiter
-        self._wake.set()
-        with trio.move_on_after(timeout):
-            await waiter.event.wait()
-        self._proposals.pop(outcome.last_index, None)
-        if waiter.result is None:
-            raise Unavailable("timed out waiting for commit; outcome unknown")
-        if isinstance(waiter.result, Unavailable):
-            raise waiter.result
-        return waiter.result
+        (result,) = await self.propose_all([envelope], timeout)
+        return result
+
+    async def propose_all(self, envelopes: Sequence[Envelope], timeout: float = 5.0) -> list[Result]:
+        """Replicate commands in this order, in one Ready (one fsync, one append per peer),
+        and return their results once all are applied here."""
+        waiting: list[tuple[int, _Proposal]] = []
+        try:
+            for envelope in envelopes:
+                outcome = self.core.propose(encode_envelope(envelope))
+                self._raise_refusal(outcome)
+                assert isinstance(outcome, Proposed)
+                waiting.append((outcome.last_index, _Proposal(outcome.term, trio.Event())))
+                self._proposals[outcome.last_index] = waiting[-1][1]
+            self._wake.set()
+            with trio.move_on_after(timeout):
+                for _, waiter in waiting:
+                    await waiter.event.wait()
+        finally:
+            for index, _ in waiting:
+                self._proposals.pop(index, None)
+        results = []
+        for _, waiter in waiting:
+            if waiter.result is None:
+                raise Unavailable("timed out waiting for commit; outcome unknown")
+            if isinstance(waiter.result, Unavailable):
+                raise waiter.result
+            results.append(waiter.result)
+        return results
 
     async def read_barrier(self, timeout: float = 5.0) -> None:
         """Wait until a linearizable read may be served from the local state (ReadIndex)."""

@@ -183,8 +183,8 @@ class WorkloadApi:
         self.scheduler.require_leader()
         if not self._registered(worker):
             return error_response(404, "unknown_worker", f"worker {worker!r} is not registered; register again")
-        reports = await self._report(request, body)
-        leases = await self.scheduler.lease(worker, body.max, body.wait_s)
+        leases, reported = await self.scheduler.lease(worker, body.max, body.wait_s, self._report_command(body))
+        reports = reported.value if reported is not None else {"started": [], "results": []}
         return json_response(200, {"leases": [msgspec.to_builtins(lease) for lease in leases], **reports})
 
     async def drain(self, request: Request, body: b.DrainBody, worker: str) -> Response:
@@ -210,15 +210,21 @@ class WorkloadApi:
 
     async def _report(self, request: Request, body: b.ResultsBody) -> dict[str, list]:
         """Apply a worker's reports as one command; an answer for each start and each result."""
-        if not body.results and not body.started:
+        command = self._report_command(body)
+        if command is None:
             return {"started": [], "results": []}
+        result = await self._apply(request, command)
+        return result.value
+
+    @staticmethod
+    def _report_command(body: b.ResultsBody) -> t.ReportTasks | None:
+        if not body.results and not body.started:
+            return None
         finished = [
             t.Report(r.task_id, r.lease_id, t.Outcome(**{f: getattr(r, f) for f in t.Outcome.__struct_fields__}))
             for r in body.results
         ]
-        started = [t.LeaseRef(s.task_id, s.lease_id) for s in body.started]
-        result = await self._apply(request, t.ReportTasks(started, finished))
-        return result.value
+        return t.ReportTasks([t.LeaseRef(s.task_id, s.lease_id) for s in body.started], finished)
 
     async def _read(self, request: Request) -> None:
         if request.query.get("stale") != "ok":
