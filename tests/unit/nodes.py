@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 
 import trio
 
 from dtfd.raft import Config as RaftConfig
 from dtfd.server.node import Node, Timing
+from dtfd.state.machine import Envelope, Put
 from dtfd.storage.interface import LogStorage
 
 
@@ -20,3 +22,11 @@ async def until_leader(node: Node, timeout: float = 10) -> None:
     with trio.fail_after(timeout):
         while not node.is_leader:
             await trio.sleep(0.01)
+
+
+async def write_until(node: Node, done: Callable[[], bool], value: str = "v") -> None:
+    """Put distinct keys, one acknowledged write after another, until `done()`."""
+    seq = 0
+    while not done():
+        seq += 1
+        await node.propose(Envelope("c", seq, 0.0, Put(f"k{seq}", value)))

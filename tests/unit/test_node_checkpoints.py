@@ -12,9 +12,9 @@ import trio
 from dtfd.server import node as node_module
 from dtfd.server.node import ENCODE_BYTES_PER_ENTRY, checkpoint_stride
 from dtfd.state import machine as machine_module
-from dtfd.state.machine import Envelope, Image, Put
+from dtfd.state.machine import Image
 from dtfd.storage.memory import MemoryStorage
-from tests.unit.nodes import single_node
+from tests.unit.nodes import single_node, until_leader, write_until
 
 EVERY = 10
 
@@ -44,12 +44,8 @@ async def test_a_checkpoint_a_compaction_and_the_status_at_one_index_encode_the_
     async with trio.open_nursery() as nursery:
         nursery.start_soon(node.run)
         with trio.fail_after(10):
-            while not node.is_leader:
-                await trio.sleep(0.01)
-            seq = 0
-            while node.machine.applied < 3 * EVERY:
-                seq += 1
-                await node.propose(Envelope("c", seq, 0.0, Put(f"k{seq}", "v")))
+            await until_leader(node)
+            await write_until(node, lambda: node.machine.applied >= 3 * EVERY)
             assert await node.checksum() == (node.machine.applied, node.machine.checksum())
             while len(node.checkpoints) < 3:
                 await trio.sleep(0.01)
@@ -115,12 +111,8 @@ async def test_a_big_state_is_compacted_at_its_checkpoints_and_encoded_once_for_
     async with trio.open_nursery() as nursery:
         nursery.start_soon(node.run)
         with trio.fail_after(20):
-            while not node.is_leader:
-                await trio.sleep(0.01)
-            seq = 0
-            while len(storage.compacted) < 3:
-                seq += 1
-                await node.propose(Envelope("c", seq, 0.0, Put(f"k{seq}", "v" * 20)))
+            await until_leader(node)
+            await write_until(node, lambda: len(storage.compacted) >= 3, "v" * 20)
             while not node.checkpoints or node.checkpoints[-1][0] < storage.compacted[-1]:
                 await trio.sleep(0.01)
         nursery.cancel_scope.cancel()
