@@ -14,7 +14,6 @@ to a thread.
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import logging
 import time
@@ -27,7 +26,7 @@ import trio
 from dtfd.journal import fields
 from dtfd.raft import Config as RaftConfig
 from dtfd.raft import EntryKind, Message, NotLeader, Proposed, Raft, Ready, Refused, Role
-from dtfd.state.machine import Envelope, Result, StateMachine, encode_envelope
+from dtfd.state.machine import Envelope, Result, StateMachine, encode_envelope, image_digest
 from dtfd.storage.groupcommit import PersistPlacement
 from dtfd.storage.interface import LogStorage, write_ready
 
@@ -211,7 +210,7 @@ class Node:
         started = time.monotonic()
         data = self.machine.snapshot()
         self._checksum_due = started + (time.monotonic() - started) / CHECKSUM_LOOP_SHARE
-        digest = await trio.to_thread.run_sync(_sha256, data)
+        digest = await trio.to_thread.run_sync(image_digest, data)
         if applied > self._checksum[0]:
             self._checksum = (applied, digest)
         return applied, digest
@@ -321,7 +320,7 @@ class Node:
         elif (asked or applied - snapshot_index >= patience) and snapshot_index < applied <= self.core.log.applied:
             index, image = applied, self.machine.snapshot()
         if index:
-            digest = await trio.to_thread.run_sync(_sha256, image)
+            digest = await trio.to_thread.run_sync(image_digest, image)
             if self.core.log.snapshot_index < index and self.core.log.term(index) is not None:  # no snapshot came meanwhile
                 snapshot = self.core.compact(index, image, digest)
                 await trio.to_thread.run_sync(self.storage.compact, snapshot)
@@ -354,7 +353,7 @@ class Node:
             self._hash_wake = trio.Event()
             pending, self._unhashed = self._unhashed, []
             for index, data in pending:
-                self.checkpoints.append((index, await trio.to_thread.run_sync(_sha256, data)))
+                self.checkpoints.append((index, await trio.to_thread.run_sync(image_digest, data)))
 
     def _note_role(self) -> None:
         seen = (self.core.role, self.core.term, self.core.leader)
@@ -389,8 +388,3 @@ def checkpoint_stride(every: int, size: int) -> int:
     while stride * ENCODE_BYTES_PER_ENTRY < size:
         stride *= 2
     return stride
-
-
-def _sha256(data: bytes) -> str:
-    """StateMachine.checksum() of an encoded image; hashlib releases the GIL, so it runs in a worker thread."""
-    return hashlib.sha256(data).hexdigest()

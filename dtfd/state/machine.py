@@ -198,4 +198,9 @@ class StateMachine:
 
     def checksum(self) -> str:
         """SHA-256 of the canonical image: equal on every node at the same applied index."""
-        return hashlib.sha256(self.snapshot()).hexdigest()
+        return image_digest(self.snapshot())
+
+
+def image_digest(image: bytes) -> str:
+    """checksum() of an encoded image; hashlib releases the GIL, so callers may run it in a worker thread."""
+    return hashlib.sha256(image).hexdigest()
