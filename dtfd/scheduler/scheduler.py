@@ -57,7 +57,13 @@ class Scheduler:
             self._last_seen.clear()
 
     async def propose(self, command: t.WorkloadCommand) -> Result:
-        return await self.node.propose(Envelope("", 0, time.time(), command))
+        (result,) = await self.propose_all([command])
+        return result
+
+    async def propose_all(self, commands: list[t.WorkloadCommand]) -> list[Result]:
+        """The scheduler's commands, in order in one Ready; no client session (they are not retried)."""
+        now = time.time()
+        return await self.node.propose_all([Envelope("", 0, now, command) for command in commands])
 
     def wake(self) -> None:
         """New work may be leasable (a submit, a requeue, a worker freed a slot)."""
@@ -111,11 +117,12 @@ class Scheduler:
         reported: Result | None = None
         while True:
             picks = self._pick(worker, most, freed=self._freed(worker, report))
-            now = time.time()
-            assign = t.AssignTasks(worker, [t.Assignment(task.id, uuid.uuid4().hex, now + task.spec.timeout_s + self.policy.lease_grace_s) for task in picks])
-            commands = [command for command in (report, assign if picks else None) if command is not None]
+            commands: list[t.WorkloadCommand] = [report] if report is not None else []
+            if picks:
+                expiry = time.time() + self.policy.lease_grace_s
+                commands.append(t.AssignTasks(worker, [t.Assignment(task.id, uuid.uuid4().hex, expiry + task.spec.timeout_s) for task in picks]))
             if commands:
-                results = await self.node.propose_all([Envelope("", 0, now, command) for command in commands])
+                results = await self.propose_all(commands)
                 if report is not None:
                     reported, report = results[0], None
                     self.wake()  # freed slots, requeued tasks: other pollers may find work
