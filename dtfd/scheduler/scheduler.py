@@ -41,6 +41,7 @@ class Scheduler:
         self.node = node
         self.policy = policy
         self._last_seen: dict[str, float] = {}
+        self._promised: set[str] = set()  # tasks picked for an assignment not applied yet: not picked again meanwhile
         self._work = trio.Event()
         self._term = -1
 
@@ -82,11 +83,7 @@ class Scheduler:
         """
         self.require_leader()
         self._last_seen[worker] = time.monotonic()
-        held = {
-            task.lease.id: task
-            for task in self.workload.open_tasks()
-            if task.state in t.ACTIVE and task.lease is not None and task.lease.worker == worker
-        }
+        held = {task.lease.id: task for task in self._held(worker)}
         reported = set(running)
         grace = time.time() - max(2 * self.policy.heartbeat_s, UNTAKEN_LEASE_GRACE_S)
         for lease_id, task in held.items():
@@ -110,34 +107,53 @@ class Scheduler:
         The worker's `report` (starts and results) goes first, in the same Ready as the first
         assignment, and the slots its results free count for it: one replication round for
         both instead of one after the other. Its result comes back beside the leases.
+
+        A worker asks again only once it has taken up (or given up) every lease of its last
+        answer, so a lease of its still unstarted was granted to an answer that never reached
+        it (the leader died mid-answer, the connection broke): it is handed over again, first.
         """
         self.require_leader()
         self._last_seen[worker] = time.monotonic()
         deadline = trio.current_time() + min(max(wait_s, 0.0), self.policy.max_wait_s)
         reported: Result | None = None
         while True:
-            picks = self._pick(worker, most, freed=self._freed(worker, report))
+            picks = self._pick(worker, most - len(self._unstarted(worker)), freed=self._freed(worker, report))
             commands: list[t.WorkloadCommand] = [report] if report is not None else []
             if picks:
                 expiry = time.time() + self.policy.lease_grace_s
                 commands.append(t.AssignTasks(worker, [t.Assignment(task.id, uuid.uuid4().hex, expiry + task.spec.timeout_s) for task in picks]))
+            granted: list[dict] = []
             if commands:
-                results = await self.propose_all(commands)
+                self._promised.update(task.id for task in picks)
+                try:
+                    results = await self.propose_all(commands)
+                finally:
+                    self._promised.difference_update(task.id for task in picks)
                 if report is not None:
                     reported, report = results[0], None
                     self.wake()  # freed slots, requeued tasks: other pollers may find work
-                if picks:
-                    if results[-1].ok and results[-1].value:
-                        specs = {task.id: task.spec for task in picks}
-                        return [dict(grant, spec=specs[grant["task_id"]]) for grant in results[-1].value], reported
-                    if not results[-1].ok:
-                        return [], reported
+                if picks and results[-1].ok:
+                    specs = {task.id: task.spec for task in picks}
+                    granted = [dict(grant, spec=specs[grant["task_id"]]) for grant in results[-1].value or ()]
+                elif picks:
+                    return [], reported
+            fresh = {grant["task_id"] for grant in granted}
+            again = [task for task in self._unstarted(worker) if task.id not in fresh]
+            if granted or again:
+                return [_grant(task) for task in again] + granted, reported
             work = self._work
             with trio.move_on_at(deadline):
                 await work.wait()
             if trio.current_time() >= deadline:
                 return [], reported
             self.require_leader()
+
+    def _held(self, worker: str) -> list[t.Task]:
+        tasks = self.workload.tasks
+        return sorted((tasks[task_id] for task_id in self.workload.queues.held_by(worker)), key=lambda task: task.order)
+
+    def _unstarted(self, worker: str) -> list[t.Task]:
+        return [task for task in self._held(worker) if task.state == t.LEASED]
 
     def _freed(self, worker_id: str, report: t.ReportTasks | None) -> int:
         """Slots of `worker_id` that `report`'s results will free once applied."""
@@ -158,10 +174,10 @@ class Scheduler:
         if worker is None or worker.state != "active" or not t.breaker_admits(worker.breaker, now, policy):
             return []
         queues = self.workload.queues
-        room = min(most, worker.slots - queues.active_per_worker[worker_id] + freed, 1 if worker.breaker.state != "closed" else most)
+        room = min(most, worker.slots - queues.active_on(worker_id) + freed, 1 if worker.breaker.state != "closed" else most)
         if room <= 0:
             return []
-        return queues.pick(self.workload.tasks, worker, room, now)
+        return queues.pick(self.workload.tasks, worker, room, now, self._promised)
 
     # ---- the sweep ------------------------------------------------------------------
 
@@ -198,3 +214,10 @@ class Scheduler:
                 self.wake()
         if any(task.state == t.QUEUED and task.not_before <= now for task in self.workload.open_tasks()):
             self.wake()
+
+
+def _grant(task: t.Task) -> dict:
+    """An answer's lease for a task leased earlier, as AssignTasks answers a new one."""
+    lease = task.lease
+    assert lease is not None
+    return {"lease_id": lease.id, "task_id": task.id, "attempt": task.attempt, "expires_at": lease.expires_at, "spec": task.spec}

@@ -11,7 +11,7 @@ from __future__ import annotations
 import bisect
 import hashlib
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Collection, Iterable, Iterator
 from typing import Annotated, Literal
 
 import msgspec
@@ -377,7 +377,7 @@ class Workload(msgspec.Struct, dict=True):
         worker = self.workers.get(c.worker)
         if worker is None or worker.state != "active":
             return False, [], "worker_unavailable"
-        free = worker.slots - self.queues.active_per_worker[c.worker]
+        free = worker.slots - self.queues.active_on(c.worker)
         granted = []
         for assignment in c.assignments:
             if free <= 0 or not breaker_admits(worker.breaker, at, policy):
@@ -587,8 +587,8 @@ class Queues:
         self._groups: dict[tuple[int, str, bytes], _Group] = {}
         self._group_of: dict[str, tuple[int, str, bytes]] = {}  # queued task id -> its group
         self._holder: dict[str, str] = {}  # active task id -> worker holding its lease
+        self._held: dict[str, set[str]] = {}  # worker -> ids of the active tasks it holds
         self.active_per_run: Counter[str] = Counter()
-        self.active_per_worker: Counter[str] = Counter()
 
     @property
     def queued(self) -> int:
@@ -607,7 +607,10 @@ class Queues:
         worker = self._holder.pop(task.id, None)
         if worker is not None:
             self.active_per_run[task.spec.run_id] -= 1
-            self.active_per_worker[worker] -= 1
+            held = self._held[worker]
+            held.discard(task.id)
+            if not held:
+                del self._held[worker]
         if task.state == QUEUED:
             spec = task.spec
             key = (spec.priority, spec.run_id, _requirements_key.encode(spec.requirements))
@@ -620,7 +623,14 @@ class Queues:
         elif task.state in ACTIVE and task.lease is not None:
             self._holder[task.id] = task.lease.worker
             self.active_per_run[task.spec.run_id] += 1
-            self.active_per_worker[task.lease.worker] += 1
+            self._held.setdefault(task.lease.worker, set()).add(task.id)
+
+    def held_by(self, worker: str) -> frozenset[str]:
+        """Ids of the active (leased or running) tasks whose lease `worker` holds."""
+        return frozenset(self._held.get(worker, ()))
+
+    def active_on(self, worker: str) -> int:
+        return len(self._held.get(worker, ()))
 
     def _unqueue(self, task: Task) -> None:
         key = self._group_of.pop(task.id, None)
@@ -631,14 +641,14 @@ class Queues:
             if not group.orders:
                 del self._groups[key]
 
-    def pick(self, tasks: dict[str, Task], worker: Worker, room: int, now: float) -> list[Task]:
-        """Up to `room` queued tasks for `worker`: highest priority first; within it the run
-        with the fewest active tasks; then submission order. Reads only, changes nothing."""
+    def pick(self, tasks: dict[str, Task], worker: Worker, room: int, now: float, skip: Collection[str] = ()) -> list[Task]:
+        """Up to `room` queued tasks for `worker`, none in `skip`: highest priority first; within
+        it the run with the fewest active tasks; then submission order. Reads only, changes nothing."""
         heads: list[tuple[Task, Iterator[Task], _Group]] = []
         for group in self._groups.values():
             if fits(group.requirements, worker):
                 queued = (tasks[group.ids[order]] for order in group.orders)
-                ready = (task for task in queued if task.not_before <= now and not task.cancel_requested)
+                ready = (task for task in queued if task.not_before <= now and not task.cancel_requested and task.id not in skip)
                 head = next(ready, None)
                 if head is not None:
                     heads.append((head, ready, group))

@@ -102,6 +102,9 @@ def test_long_poll_returns_as_soon_as_work_arrives(cluster):
         submitter.join()
     assert len(leases) == 1
     assert time.monotonic() - started < 6  # woke on the submission, not at the end of the poll
+    again = worker.lease(wait_s=0)
+    assert [lease["lease_id"] for lease in again] == [leases[0]["lease_id"]], "an unstarted lease is handed over again, and no other task exists"
+    assert worker.start(again[0]) == 200
     assert worker.lease(wait_s=0) == []
 
 

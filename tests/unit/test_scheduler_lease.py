@@ -47,3 +47,27 @@ async def test_results_and_the_next_lease_share_one_round_and_the_freed_slot_is_
         assert storage.syncs - syncs == one_command, "the report and the assignment cost what one command costs"
         assert node.machine.image.workload.tasks[first["task_id"]].state == t.SUCCEEDED
         nursery.cancel_scope.cancel()
+
+
+async def test_a_lease_whose_answer_was_lost_is_handed_over_again_on_the_next_request():
+    node = single_node(MemoryStorage())
+    scheduler = Scheduler(node)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(node.run)
+        await until_leader(node)
+        for command in (t.RegisterWorker("w1", {}, 1.0, 1024, 2), t.SubmitTasks([t.TaskSpec(argv=["true"])] * 3)):
+            assert (await node.propose(Envelope("", 0, time.time(), command))).ok
+        lost, _ = await scheduler.lease("w1", 2, 0)  # this answer never reaches the worker
+        assert len(lost) == 2
+
+        again, _ = await scheduler.lease("w1", 2, 0)
+        assert [(g["task_id"], g["lease_id"], g["attempt"]) for g in again] == [(g["task_id"], g["lease_id"], g["attempt"]) for g in lost]
+        assert all(g["spec"].argv == ["true"] for g in again)
+        workload = node.machine.image.workload
+        assert [workload.tasks[g["task_id"]].attempt for g in again] == [1, 1], "handing a lease over again is not a new attempt"
+
+        started = [t.LeaseRef(g["task_id"], g["lease_id"]) for g in again[:1]]
+        await node.propose(Envelope("", 0, time.time(), t.ReportTasks(started=started)))
+        (still,), _ = await scheduler.lease("w1", 1, 0)
+        assert still["lease_id"] == again[1]["lease_id"], "a started lease is not handed over again, and the unstarted one fills the free slot"
+        nursery.cancel_scope.cancel()

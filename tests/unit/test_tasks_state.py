@@ -410,7 +410,8 @@ def test_the_queues_kept_as_tasks_move_pick_what_a_full_scan_picks(seed):
         restored.machine.restore(c.machine.snapshot())
         for workload in (c.workload, restored.workload):
             active = [task for task in workload.tasks.values() if task.state in t.ACTIVE]
-            assert +workload.queues.active_per_worker == Counter(task.lease.worker for task in active)
+            for worker in workload.workers:
+                assert workload.queues.held_by(worker) == {task.id for task in active if task.lease.worker == worker}
             assert +workload.queues.active_per_run == Counter(task.spec.run_id for task in active)
             assert workload.queues.queued == sum(1 for task in workload.tasks.values() if task.state == t.QUEUED)
             for worker in workload.workers.values():
