@@ -34,6 +34,7 @@ log = logging.getLogger("dtf.worker.agent")
 
 BATCH_BYTES = 512 << 10  # results per request, below the coordinator's default 1 MiB body limit
 MIN_POLL_S = 1.0  # an empty lease answer sooner than this waits out the rest: no busy loop
+LEASE_HOLD_S = 0.02  # while fewer than half the slots are free, a freed one waits this long for more
 RESULT_HOLD_S = 0.05  # a result waits this long for a lease request to carry it
 CARRY_BYTES = 64 << 10  # results a lease request carries; bigger ones go on their own
 FLUSH_S = 10.0  # on shutdown, how long unacknowledged results may take to go out
@@ -228,10 +229,7 @@ class Agent:
         backoff = 0.5
         with self._leasing:
             while True:
-                free = self.slots - len(self.running)
-                if free <= 0:
-                    await self.changed.wait()
-                    continue
+                free = await self._free_slots()
                 started = trio.current_time()
                 results = self._take_results(CARRY_BYTES) if not self.one_at_a_time else []
                 body = {"max": free, "wait_s": wait_s, "results": results}
@@ -258,6 +256,21 @@ class Agent:
                     self._start(run)
                 if not leases:
                     await trio.sleep_until(started + MIN_POLL_S)
+
+    async def _free_slots(self) -> int:
+        """Slots to lease for: half of them or more at once, or what is free after LEASE_HOLD_S.
+
+        Leasing for every slot as it frees costs a lease and a start round per task when
+        tasks are short; holding a freed slot briefly lets one round carry several."""
+        hold_until = math.inf
+        while True:
+            free = self.slots - len(self.running)
+            if free >= self.slots or (free > 0 and trio.current_time() >= hold_until):
+                return free
+            if free > 0 and hold_until == math.inf:
+                hold_until = trio.current_time() + LEASE_HOLD_S
+            with trio.move_on_at(hold_until):
+                await self.changed.wait()
 
     def _lease(self, raw: object) -> tuple[TaskRun, str] | None:
         try:
