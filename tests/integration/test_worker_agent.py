@@ -20,7 +20,7 @@ import trio
 from dtfd.devcluster import LocalCluster, write_configs
 from dtfd.server.notify import Notifier
 from dtfd.worker import config
-from dtfd.worker.agent import BATCH_BYTES, CARRY_BYTES, Agent
+from dtfd.worker.agent import BATCH_BYTES, CARRY_BYTES, LEASE_HOLD_S, Agent
 from dtfd.worker.client import Client
 from dtfd.worker.runner import Result
 from dtfd.worker.spool import Spool
@@ -117,6 +117,32 @@ async def test_results_not_in_flight_go_together_and_big_ones_do_not_ride_on_lea
     assert [r["lease_id"] for r in alone] == ["big"]
     agent._untake(carried + alone)
     assert agent.in_flight == {"L0"}
+
+
+async def test_a_freed_slot_waits_briefly_for_the_others_so_one_lease_round_carries_several(tmp_path, autojump_clock):
+    cfg = config.load(write_config(tmp_path, [DEAD_URL]))  # 2 slots
+    async with Client(cfg.config.coordinator.urls, cfg.token) as client:
+        agent = Agent(cfg, client, Notifier())
+    for frees_after in ([0.0], [0.0, 0.005]):
+        agent.running = {"a": None, "b": None}
+        asked: list[tuple[float, int]] = []
+        async with trio.open_nursery() as nursery:
+
+            async def ask() -> None:
+                free = await agent._free_slots()
+                asked.append((trio.current_time(), free))
+
+            nursery.start_soon(ask)
+            started = trio.current_time()
+            for lease_id, at in zip(("a", "b"), frees_after):
+                await trio.sleep_until(started + at)
+                del agent.running[lease_id]
+                agent.changed.fire()
+        ((when, free),) = asked
+        if len(frees_after) == 1:
+            assert (free, when - started) == (1, pytest.approx(LEASE_HOLD_S)), "one free slot is leased for after the hold"
+        else:
+            assert (free, when - started) == (2, pytest.approx(0.005)), "once every slot is free there is nothing to wait for"
 
 
 async def test_results_are_resent_after_503_and_fail_over_to_the_next_url(tmp_path):
