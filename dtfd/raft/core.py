@@ -71,6 +71,7 @@ class Raft:
         self._reads_waiting: list[tuple[bytes, NodeId]] = []
         self._incoming: tuple[SnapshotMeta, bytearray] | None = None
         self._append_due = False
+        self._commit_due = False  # followers have not been sent the commit index yet
         self._outstanding = False
         self.rejoining = config.rejoin_term > 0
         self._become_follower(self.term, NONE)
@@ -235,8 +236,7 @@ class Raft:
             log.applied = max(log.applied, rd.committed[-1].index)
         self._outstanding = False
         if self.role is Role.LEADER and self.progress[self.id].maybe_update(min(log.stable, log.last_index)):
-            if self._maybe_commit():
-                self._broadcast_append()
+            self._maybe_commit()
 
     def status(self) -> Status:
         progress = {}
@@ -457,6 +457,7 @@ class Raft:
                 self._broadcast_append()
 
     def _broadcast_append(self) -> None:
+        self._commit_due = False
         for peer in self.progress:
             if peer != self.id:
                 self._send_append(peer)
@@ -544,9 +545,8 @@ class Raft:
                 pr.become_probe()
         else:
             pr.free_to(m.index)
-        if self._maybe_commit():
-            self._broadcast_append()
-        elif was_paused:
+        self._maybe_commit()
+        if was_paused:
             self._send_append(m.src)
         while pr.match < log.last_index and pr.state is ProgressState.REPLICATE and self._has_unsent(pr):
             if not self._send_append(m.src):
@@ -557,20 +557,26 @@ class Raft:
     def _has_unsent(self, pr: Progress) -> bool:
         return pr.next <= self.log.last_index
 
-    def _maybe_commit(self) -> bool:
+    def _maybe_commit(self) -> None:
+        """Advance the commit index by the quorum's match indexes.
+
+        Followers learn a new commit index from the next append (the next proposal's, as a
+        rule), or else at the next tick: not from appends of their own, which would put two
+        sends (and two acknowledgements to read back) in front of every answer the leader
+        gives: ~0.3 ms a sequential write here."""
         match = {v: self.progress[v].match for v in self.voters}
         index = quorum.committed_index(self.voters, match)
         if index <= self.log.committed:
-            return False
+            return
         if self.log.term(index) != self.term and "commit_old_term" not in self._bugs:
-            return False  # Raft Fig. 8: only entries of our own term commit by counting
+            return  # Raft Fig. 8: only entries of our own term commit by counting
         had_term_commit = self._committed_in_term()
         self.log.commit_to(index)
+        self._commit_due = True
         if not had_term_commit and self._committed_in_term():
             waiting, self._reads_waiting = self._reads_waiting, []
             for context, origin in waiting:
                 self._leader_read(context, origin)
-        return True
 
     def _handle_snapshot(self, m: Message) -> None:
         chunk = m.snapshot
@@ -667,6 +673,8 @@ class Raft:
                 for peer, pr in self.progress.items():
                     pr.recent_active = peer == self.id
             self.transferee = NONE  # a transfer that did not finish in time is abandoned
+        if self._commit_due:
+            self._broadcast_append()
         if self._heartbeat_elapsed >= self.config.heartbeat:
             self._heartbeat_elapsed = 0
             self._broadcast_heartbeat(self._read_only.last_key())
@@ -714,6 +722,7 @@ class Raft:
         self._read_only.clear()
         self._reads_waiting = []
         self._append_due = False
+        self._commit_due = False
 
     def _become_follower(self, term: int, leader: NodeId) -> None:
         self._reset(term)

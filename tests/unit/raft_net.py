@@ -265,10 +265,15 @@ class Net:
         raise AssertionError(f"condition not reached in {limit} ticks")
 
     def propose(self, id: str, *data: bytes) -> Proposed | NotLeader | Refused:
-        """Propose on `id` (one entry, or a batch) and let the cluster settle."""
+        """Propose on `id` (one entry, or a batch) and let the cluster settle: a leader's
+        followers learn the new commit index at its next tick, which this gives it."""
         result = self.raft(id).propose_batch(list(data)) if len(data) != 1 else self.raft(id).propose(data[0])
         self.process(id)
         self.deliver()
+        if self.raft(id).role is Role.LEADER:
+            self.raft(id).tick()
+            self.process(id)
+            self.deliver()
         return result
 
     def elect(self, id: str, limit: int = 500) -> int:

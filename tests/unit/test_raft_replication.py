@@ -27,6 +27,33 @@ def test_entries_commit_on_a_majority_only():
     assert net.nodes["n3"].applied_data() == [b"a"]
 
 
+def test_followers_learn_a_commit_at_the_next_tick_not_from_appends_of_its_own():
+    """Each commit used to be broadcast at once: two appends (and two acknowledgements) in
+    front of every answer the leader gave. Now the next append or tick carries it."""
+    net = Net(3)
+    net.elect("n1")
+    net.tick()
+    leader = net.raft("n1")
+    sent = len(net.delivered)
+    proposed = leader.propose(b"a")
+    net.process("n1")
+    net.deliver()
+    assert [m.type for m in net.delivered[sent:]].count(MT.APPEND) == 2, "one append per follower, none to carry the commit"
+    assert leader.log.committed == proposed.last_index
+    assert [net.raft(id).log.committed for id in ("n2", "n3")] == [proposed.last_index - 1] * 2
+
+    second = leader.propose(b"b")
+    net.process("n1")
+    net.deliver()
+    assert [net.raft(id).log.committed for id in ("n2", "n3")] == [proposed.last_index] * 2, "the next append carries it"
+
+    leader.tick()
+    net.process("n1")
+    net.deliver()
+    assert [net.raft(id).log.committed for id in ("n2", "n3")] == [second.last_index] * 2, "with no next append, the next tick does"
+    assert [net.nodes[id].applied_data() for id in net.nodes] == [[b"a", b"b"]] * 3
+
+
 def test_majority_down_nothing_commits():
     """Without a majority nothing is acknowledged, however long we wait."""
     net = Net(3)
