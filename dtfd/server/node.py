@@ -252,7 +252,7 @@ class Node:
                 if rd.must_sync:
                     if rd.snapshot is None and self.placement.inline(rd.entries):
                         if rd.early:
-                            await trio.lowlevel.checkpoint()  # the peer links send before the loop blocks on fsync
+                            await _let_links_send()
                         self._persist(rd)
                     else:
                         await trio.to_thread.run_sync(self._persist, rd)
@@ -388,3 +388,14 @@ def checkpoint_stride(every: int, size: int) -> int:
     while stride * ENCODE_BYTES_PER_ENTRY < size:
         stride *= 2
     return stride
+
+
+async def _let_links_send() -> None:
+    """Let the peer links woken by this Ready's messages send them before the loop blocks.
+
+    Trio runs a batch of runnable tasks in either order, so after one checkpoint the loop
+    itself ran first half the time and the links sent only after its fsync (traced: the
+    appends left ~0.3 ms after the proposal instead of ~0.05). Links woken before the
+    first checkpoint are in the batch the second one waits out."""
+    await trio.lowlevel.checkpoint()
+    await trio.lowlevel.checkpoint()
