@@ -88,3 +88,24 @@ def test_one_entry_may_move_a_task_twice_and_a_version_1_file_is_migrated_with_i
     assert states == [("leased",), ("running",), ("succeeded",)]
     assert conn.execute("SELECT * FROM schema_version").fetchall() == [(SCHEMA_VERSION,)]
     conn.close()
+
+
+def test_the_recorders_batch_insert_keeps_every_value_and_ignores_a_replay(tmp_path):
+    """Rows go to DuckDB as one JSON document: quotes, newlines, non-ASCII text, NULLs,
+    microsecond timestamps and big integers must come out as they went in."""
+    from dtfd.server.recorder import _insert
+
+    at = dt.datetime(2026, 11, 23, 19, 30, 5, 123456)
+    history = [("t1", 1, None, "", "queued", 'it\'s "quoted"\nand\ttabbed', at, 2**40), ("t2", 2, "w\u00e9", "leased", "running", "", at, 7)]
+    results = [("t1", 1, "L1", -9, 0.25, 2**33, 1.5, "tail \u2603\n" * 3, at, 8)]
+    junit = [("t1", 1, "test_a", "pkg.Mod", "failed", None, "AssertionError: 1 != 2")]
+    conn = open_history(str(tmp_path))
+    for _ in range(2):  # a replay after a restart
+        _insert(conn, "task_history", history, or_ignore=True)
+        _insert(conn, "task_results", results, or_ignore=True)
+    _insert(conn, "junit_cases", junit)
+    _insert(conn, "junit_cases", [])
+    assert conn.execute("SELECT * FROM task_history ORDER BY raft_index").fetchall() == sorted(history, key=lambda row: row[-1])
+    assert conn.execute("SELECT * FROM task_results").fetchall() == results
+    assert conn.execute("SELECT * FROM junit_cases").fetchall() == junit
+    conn.close()
