@@ -405,7 +405,7 @@ class Agent:
             answered.append(result.lease_id)
             context = fields(task=result.task_id, lease=result.lease_id, status=result.status)
             if item.get("accepted"):
-                log.info("result accepted %s", context)
+                log.debug("result accepted %s", context)  # "task finished" already said it at info
             elif item.get("error") == "stale_lease":
                 log.warning("result refused: stale lease (the task was leased again); dropped %s", context)
             else:
