@@ -9,8 +9,9 @@ A lease runs only once the coordinator has recorded its start: a lease whose sta
 not recorded may be taken back without counting the attempt, and running it anyway
 could run a task more than max_retries + 1 times. The leases of one answer are started
 with one request. A result rides on the next lease request, which the finished task
-triggers by freeing its slot; one the lease loop does not take within RESULT_HOLD_S
-goes on its own from the results loop.
+triggers by freeing its slot (held up to LEASE_HOLD_S for the other slots to free too);
+one the lease loop does not take within RESULT_HOLD_S goes on its own from the results
+loop.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ log = logging.getLogger("dtf.worker.agent")
 
 BATCH_BYTES = 512 << 10  # results per request, below the coordinator's default 1 MiB body limit
 MIN_POLL_S = 1.0  # an empty lease answer sooner than this waits out the rest: no busy loop
-LEASE_HOLD_S = 0.02  # while fewer than half the slots are free, a freed one waits this long for more
+LEASE_HOLD_S = 0.02  # while some slots are busy, a freed one waits this long for the others
 RESULT_HOLD_S = 0.05  # a result waits this long for a lease request to carry it
 CARRY_BYTES = 64 << 10  # results a lease request carries; bigger ones go on their own
 FLUSH_S = 10.0  # on shutdown, how long unacknowledged results may take to go out
@@ -258,10 +259,10 @@ class Agent:
                     await trio.sleep_until(started + MIN_POLL_S)
 
     async def _free_slots(self) -> int:
-        """Slots to lease for: half of them or more at once, or what is free after LEASE_HOLD_S.
+        """Slots to lease for: all of them at once, or what is free LEASE_HOLD_S after a first one freed.
 
         Leasing for every slot as it frees costs a lease and a start round per task when
-        tasks are short; holding a freed slot briefly lets one round carry several."""
+        tasks are short; holding a freed slot briefly lets one round carry a slot-full."""
         hold_until = math.inf
         while True:
             free = self.slots - len(self.running)
