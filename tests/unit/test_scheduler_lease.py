@@ -8,6 +8,7 @@ import time
 import trio
 
 from dtfd.scheduler.scheduler import Scheduler
+from dtfd.server.node import Node
 from dtfd.state import tasks as t
 from dtfd.state.machine import Envelope
 from dtfd.storage.memory import MemoryStorage
@@ -24,15 +25,20 @@ class CountingStorage(MemoryStorage):
         super().sync()
 
 
+async def lead(nursery: trio.Nursery, node: Node, slots: int, tasks: int) -> None:
+    """Run `node` until it leads, with worker w1 of `slots` slots registered and `tasks` no-op tasks queued."""
+    nursery.start_soon(node.run)
+    await until_leader(node)
+    for command in (t.RegisterWorker("w1", {}, 1.0, 1024, slots), t.SubmitTasks([t.TaskSpec(argv=["true"])] * tasks)):
+        assert (await node.propose(Envelope("", 0, time.time(), command))).ok
+
+
 async def test_results_and_the_next_lease_share_one_round_and_the_freed_slot_is_leased_again():
     storage = CountingStorage()
     node = single_node(storage)
     scheduler = Scheduler(node)
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(node.run)
-        await until_leader(node)
-        for command in (t.RegisterWorker("w1", {}, 1.0, 1024, 1), t.SubmitTasks([t.TaskSpec(argv=["true"])] * 2)):
-            assert (await node.propose(Envelope("", 0, time.time(), command))).ok
+        await lead(nursery, node, slots=1, tasks=2)
         (first,), _ = await scheduler.lease("w1", 1, 0)
         syncs = storage.syncs
         await node.propose(Envelope("", 0, time.time(), t.ReportTasks(started=[t.LeaseRef(first["task_id"], first["lease_id"])])))
@@ -53,10 +59,7 @@ async def test_a_lease_whose_answer_was_lost_is_handed_over_again_on_the_next_re
     node = single_node(MemoryStorage())
     scheduler = Scheduler(node)
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(node.run)
-        await until_leader(node)
-        for command in (t.RegisterWorker("w1", {}, 1.0, 1024, 2), t.SubmitTasks([t.TaskSpec(argv=["true"])] * 3)):
-            assert (await node.propose(Envelope("", 0, time.time(), command))).ok
+        await lead(nursery, node, slots=2, tasks=3)
         lost, _ = await scheduler.lease("w1", 2, 0)  # this answer never reaches the worker
         assert len(lost) == 2
 
