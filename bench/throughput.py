@@ -44,7 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from peers import Cluster, Dtf, Etcd, PySyncObj, Timing, machine_line  # noqa: E402
 
 WHOLE_DEADLINE_S = 60.0
-IDLE_LEAVES = {"WorkerThread._work", "EpollIOManager._epoll_wait"}  # trio's idle thread cache and I/O wait
+IDLE_LEAVES = {"WorkerThread._work", "EpollIOManager.get_events"}  # trio's idle thread cache and its wait for I/O
 WRK_SCRIPT = r"""
 local next_id = 1
 
