@@ -189,3 +189,19 @@ async def test_an_answer_over_the_size_cap_is_a_broken_node_not_a_memory_blowup(
                 assert (await client.call("POST", "/v1/results", {}, deadline_s=5))["path"] == "/v1/results"
             assert client.current == 1
         nursery.cancel_scope.cancel()
+
+
+def test_retry_after_is_honoured_except_that_a_leader_change_is_polled_sooner():
+    """Retry-After counts whole seconds and a leaderless node says 1; an election takes
+    well under a second, so then the client's own backoff decides (it still grows)."""
+
+    def answer(status: int, code: str, retry_after: str) -> client_module.Response:
+        response = http.error_response(status, code, "message", [("Retry-After", retry_after)])
+        return client_module.Response(status, {"retry-after": retry_after}, response.body)
+
+    assert client_module._retry_after(answer(503, "no_leader", "1"), backoff=0.1) == 0.1
+    assert client_module._retry_after(answer(503, "leader_unreachable", "1"), backoff=0.4) == 0.4
+    assert client_module._retry_after(answer(503, "no_leader", "1"), backoff=2.0) == 1.0
+    assert client_module._retry_after(answer(503, "unavailable", "3"), backoff=0.1) == 3.0
+    assert client_module._retry_after(answer(429, "rate_limited", "2"), backoff=0.1) == 2.0
+    assert client_module._retry_after(client_module.Response(503, {"retry-after": "1"}, b"<html>"), backoff=0.1) == 1.0
