@@ -207,6 +207,10 @@ class Node:
         applied = self.machine.applied
         if self._checksum[0] == applied or (self._checksum[0] >= 0 and time.monotonic() < self._checksum_due):
             return self._checksum
+        hashed = dict(self.checkpoints).get(applied)
+        if hashed is not None:  # a checkpoint at this index was hashed already
+            self._checksum = (applied, hashed)
+            return self._checksum
         started = time.monotonic()
         data = self.machine.snapshot()
         self._checksum_due = started + (time.monotonic() - started) / CHECKSUM_LOOP_SHARE

@@ -57,6 +57,23 @@ async def test_a_checkpoint_a_compaction_and_the_status_at_one_index_encode_the_
     assert max(encodes.images.values()) == 1, f"encoded more than once at an index: {encodes.images}"
 
 
+async def test_the_status_at_a_hashed_checkpoint_answers_its_digest_without_hashing_again(monkeypatch) -> None:
+    node = single_node(MemoryStorage(), snapshot_every=10 * EVERY, checksum_every=EVERY)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(node.run)
+        with trio.fail_after(10):
+            await until_leader(node)
+            await write_until(node, lambda: node.machine.applied >= EVERY)
+            while not node.checkpoints:
+                await trio.sleep(0.01)
+        nursery.cancel_scope.cancel()
+    assert node.machine.applied == EVERY, "the writes stopped at the checkpoint"
+    hashed: list[int] = []
+    monkeypatch.setattr(node_module, "image_digest", lambda data: hashed.append(len(data)) or "")
+    assert await node.checksum() == (EVERY, node.machine.checksum())
+    assert hashed == []
+
+
 def test_a_small_state_is_checkpointed_at_every_multiple_and_a_big_one_at_a_bounded_cost_per_entry() -> None:
     assert checkpoint_stride(1000, 0) == 1000
     assert checkpoint_stride(1000, 1000 * ENCODE_BYTES_PER_ENTRY) == 1000
