@@ -197,7 +197,7 @@ class Transport:
     def send(self, messages: Iterable[Message]) -> None:
         """Queue messages for their peers; never blocks, drops when a queue is full.
 
-        Full is 4096 messages or `queue_bytes` of payload; a message bigger than that
+        Full is `queue_size` messages or `queue_bytes` of payload; a message bigger than that
         alone still goes into a queue that holds no payload.
         """
         for m in messages:
